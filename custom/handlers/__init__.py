@@ -1,0 +1,1 @@
+"""Ignite handlers of this bundle's workflows."""

@@ -1,0 +1,1 @@
+"""Evaluation metrics: AUC, IoU, continuous Dice and T(IoU >= kappa)."""
