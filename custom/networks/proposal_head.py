@@ -9,6 +9,8 @@ Shapes for B images of H x W pixels, K classes, N proposals, C class channels, m
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torchvision.ops import roi_align
@@ -49,6 +51,107 @@ class ProposalPooler(nn.Module):
         return pooled.view(b, n, f, self.output_size, self.output_size)
 
 
+def roi_align_matrix(
+    proposals: torch.Tensor,
+    feature_size: tuple[int, int],
+    spatial_scale: float,
+    output_size: int = 5,
+    sampling_ratio: int = 2,
+) -> torch.Tensor:
+    """RoIAlign (``aligned=True``) of fixed boxes as a sparse (N * s * s, h * w) matrix.
+
+    Row ``(n * s + i) * s + j`` holds the bilinear weights with which bin (i, j) of box n averages the
+    feature cells, exactly as torchvision's ``roi_align`` computes them (same sample points, same border
+    rules), so ``matrix @ features.view(h * w, F)`` equals ``roi_align`` of the boxes.
+
+    Args:
+        proposals: (N, 4) xyxy input pixels. feature_size: (h, w). spatial_scale: feature cells per pixel.
+    """
+    height, width = feature_size
+    n = proposals.shape[0]
+    s, g = output_size, sampling_ratio
+    boxes = proposals.double() * spatial_scale - 0.5  # aligned=True: pixel centres at half-integers
+    start_x, start_y = boxes[:, 0], boxes[:, 1]
+    bin_w = (boxes[:, 2] - boxes[:, 0]) / s
+    bin_h = (boxes[:, 3] - boxes[:, 1]) / s
+    # Sample points: (N, s bins, g samples) per axis.
+    offsets = (torch.arange(s, dtype=torch.float64)[:, None] + (torch.arange(g, dtype=torch.float64) + 0.5) / g)
+    xs = start_x[:, None, None] + offsets * bin_w[:, None, None]
+    ys = start_y[:, None, None] + offsets * bin_h[:, None, None]
+
+    def axis_weights(coords: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
+        """Low/high cell index and their weights along one axis, with roi_align's border rules."""
+        outside = (coords < -1.0) | (coords > size)
+        coords = coords.clamp(min=0)
+        low = coords.floor().long()
+        at_edge = low >= size - 1
+        low = torch.where(at_edge, torch.full_like(low, size - 1), low)
+        high = torch.where(at_edge, low, low + 1)
+        coords = torch.where(at_edge, low.double(), coords)
+        frac = coords - low
+        valid = (~outside).double()
+        return low, high, (1 - frac) * valid, frac * valid
+
+    x_low, x_high, wx_low, wx_high = axis_weights(xs, width)  # (N, s, g)
+    y_low, y_high, wy_low, wy_high = axis_weights(ys, height)
+    rows, cols, vals = [], [], []
+    bin_index = torch.arange(n * s * s).view(n, s, s)
+    for y_idx, wy in ((y_low, wy_low), (y_high, wy_high)):
+        for x_idx, wx in ((x_low, wx_low), (x_high, wx_high)):
+            # (N, s_y, g_y, s_x, g_x) contributions of one bilinear corner.
+            cell = y_idx[:, :, :, None, None] * width + x_idx[:, None, None, :, :]
+            weight = wy[:, :, :, None, None] * wx[:, None, None, :, :] / (g * g)
+            rows.append(bin_index[:, :, None, :, None].expand_as(cell).reshape(-1))
+            cols.append(cell.reshape(-1))
+            vals.append(weight.reshape(-1))
+    rows, cols, vals = torch.cat(rows), torch.cat(cols), torch.cat(vals)
+    keep = vals != 0
+    matrix = torch.sparse_coo_tensor(
+        torch.stack([rows[keep], cols[keep]]), vals[keep].float(), (n * s * s, height * width), check_invariants=True
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return matrix.coalesce().to_sparse_csr()
+
+
+class FixedProposalPooler(nn.Module):
+    """RoIAlign of fixed proposals as one sparse matrix product, built once per (proposals, feature size).
+
+    Equal to :class:`ProposalPooler` (torchvision ``roi_align``, ``aligned=True``) to float rounding, but one
+    multithreaded sparse-dense product forward and backward instead of a per-box kernel whose CPU backward
+    is single-threaded; the proposals are fixed, so the matrix is cached.
+
+    ``forward(features (B, F, h, w), proposals (N, 4) xyxy input pixels, image_size (H, W))``
+    -> (B, N, F, s, s).
+    """
+
+    def __init__(self, output_size: int = 5, sampling_ratio: int = 2):
+        super().__init__()
+        self.output_size = output_size
+        self.sampling_ratio = sampling_ratio
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def matrix(self, proposals: torch.Tensor, feature_size: tuple[int, int], image_size: tuple[int, int]):
+        key = (tuple(feature_size), tuple(image_size), proposals.shape[0], str(proposals.device))
+        cached = self._cache.get(key)
+        if cached is None or not torch.equal(cached[0], proposals):
+            matrix = roi_align_matrix(
+                proposals.cpu(), feature_size, feature_size[1] / image_size[1], self.output_size, self.sampling_ratio
+            ).to(proposals.device)
+            cached = (proposals.clone(), matrix)
+            self._cache[key] = cached
+        return cached[1]
+
+    def forward(self, features: torch.Tensor, proposals: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        b, f, h, w = features.shape
+        n, s = proposals.shape[0], self.output_size
+        matrix = self.matrix(proposals, (h, w), image_size)
+        # (h*w, B*F) columns; sparse kernels take float32 (also under bf16 autocast).
+        columns = features.float().permute(2, 3, 0, 1).reshape(h * w, b * f)
+        pooled = torch.sparse.mm(matrix, columns)  # (N*s*s, B*F)
+        return pooled.view(n, s, s, b, f).permute(3, 0, 4, 1, 2)
+
+
 class ProposalHead(nn.Module):
     """Per (proposal, class): a confidence logit and a refined box, from the class's pooled features.
 
@@ -61,7 +164,8 @@ class ProposalHead(nn.Module):
         num_classes: K.
         class_channels: C.
         hidden_channels: channels after the 3x3 conv (authors: 64).
-        pooler: the proposal pooling (RoIAlign 5x5 by default).
+        pooler: the proposal pooling (RoIAlign 5x5 of the fixed proposals as a cached sparse matrix by
+            default; ``ProposalPooler()`` runs torchvision's ``roi_align`` instead, with the same result).
     """
 
     def __init__(
@@ -75,7 +179,7 @@ class ProposalHead(nn.Module):
         super().__init__()
         k = num_classes
         self.num_classes = num_classes
-        self.pooler = pooler if pooler is not None else ProposalPooler()
+        self.pooler = pooler if pooler is not None else FixedProposalPooler()
         self.conv = nn.Conv2d(k * class_channels, k * hidden_channels, kernel_size=3, padding=1, groups=k)
         self.activation = nn.LeakyReLU(leaky_slope)
         self.score_weight = nn.Parameter(torch.empty(k, hidden_channels))
@@ -96,7 +200,7 @@ class ProposalHead(nn.Module):
         pooled = self.pooler(class_features.reshape(b, k * c, h, w), proposals, image_size)  # (B, N, K*C, s, s)
         pooled_saliency = self.pooler(torch.sigmoid(saliency_logits), proposals, image_size)  # (B, N, K, s, s)
         s = pooled.shape[-1]
-        gated = pooled.view(b * n, k, c, s, s) * pooled_saliency.view(b * n, k, 1, s, s)
+        gated = pooled.reshape(b * n, k, c, s, s) * pooled_saliency.reshape(b * n, k, 1, s, s)
         hidden = self.activation(self.conv(gated.view(b * n, k * c, s, s).to(class_features.dtype)))
         hidden = hidden.amax(dim=(2, 3)).view(b, n, k, -1)  # global max pool -> (B, N, K, hidden)
         logits = torch.einsum("bnkd,kd->bkn", hidden, self.score_weight.to(hidden.dtype))

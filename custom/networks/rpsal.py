@@ -67,7 +67,8 @@ class RpSalNet(nn.Module):
             (densenet121 / resnet34); a missing file or mismatched keys is an error.
         temperature: initial Gumbel-Softmax temperature; a buffer, so checkpoints keep the annealed value.
 
-    ``forward(images (B, 3, H, W), with_detection=True)`` -> RpSalOutput. H and W must be multiples of 32.
+    ``forward(images (B, 3, H, W), with_detection=None)`` -> RpSalOutput. H and W must be multiples of 32.
+    ``with_detection=None`` follows the attribute of that name (True unless a training stage turned it off).
     """
 
     def __init__(
@@ -96,6 +97,8 @@ class RpSalNet(nn.Module):
         self.crop = BoxCrop(crop_size)
         self.crop_classifier = CropClassifier(num_classes, crop_backbone)
         self.register_buffer("temperature", torch.tensor(float(temperature)))
+        # Stage 1 of training needs only the classification module; the training schedule turns this off.
+        self.with_detection = True
         if backbone_weights:
             load_torchvision_weights(self.fpn.features, backbone_weights, prefix="features.")
         if crop_weights:
@@ -113,7 +116,9 @@ class RpSalNet(nn.Module):
         """Parameters of the detection module (proposal head, crop classifier): stage 2."""
         return [*self.proposal_head.parameters(), *self.crop_classifier.parameters()]
 
-    def forward(self, images: torch.Tensor, with_detection: bool = True) -> RpSalOutput:
+    def forward(self, images: torch.Tensor, with_detection: Optional[bool] = None) -> RpSalOutput:
+        if with_detection is None:
+            with_detection = self.with_detection
         height, width = images.shape[-2:]
         if height % 32 or width % 32:
             raise ValueError(f"input height and width must be multiples of 32, got {height}x{width}")

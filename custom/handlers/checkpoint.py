@@ -1,0 +1,166 @@
+"""Checkpoints that hold everything needed to continue a run, written atomically, and resumed on rerun.
+
+A checkpoint file holds only tensors and plain containers, so it loads with ``torch.load(weights_only=True)``:
+network, optimiser (and scheduler) state, the trainer's epoch/iteration counters, the training stage and
+temperature (derived from the counters, stored for readers), any extra objects with a ``state_dict`` (e.g.
+the best-metric tracker) and the random number generators' states.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from .stages import unwrap
+
+logger = logging.getLogger(__name__)
+
+
+def is_main_process() -> bool:
+    return not torch.distributed.is_available() or not torch.distributed.is_initialized() or (
+        torch.distributed.get_rank() == 0
+    )
+
+
+def atomic_save(obj, path: str) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: a reader never sees half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    temporary = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(temporary, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """The states of Python's, NumPy's and torch's generators, as tensors."""
+    version, python_state, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    state = {
+        "python": torch.tensor(python_state, dtype=torch.int64),
+        "python_gauss": torch.tensor([float("nan") if gauss is None else gauss], dtype=torch.float64),
+        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_extra": torch.tensor([position, has_gauss, cached_gauss], dtype=torch.float64),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state: Mapping[str, torch.Tensor]) -> None:
+    """Restore the generators saved by ``rng_state``."""
+    gauss = float(state["python_gauss"][0])
+    random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None if np.isnan(gauss) else gauss))
+    position, has_gauss, cached_gauss = state["numpy_extra"].tolist()
+    np.random.set_state(
+        ("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(position), int(has_gauss), cached_gauss)
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+class TrainingCheckpoint:
+    """Saves ``<ckpt_dir>/last.pt`` after every epoch (and every ``every_n_iterations``, if > 0); on start,
+    if ``resume`` and that file exists, restores everything from it so the run continues where it stopped.
+
+    Only the main process writes; every process reads. A NaN guard attached before this handler keeps a bad
+    state from ever being saved.
+
+    Args:
+        ckpt_dir: folder of the checkpoint.
+        network, optimizer, lr_scheduler: the objects whose state is saved (DDP wrappers are unwrapped).
+        extra: more objects with ``state_dict``/``load_state_dict`` to keep (e.g. the best-model tracker).
+        resume: continue from ``last.pt`` when it exists (the default: rerunning the same command resumes).
+        every_n_iterations: also save every n iterations (0: only at the end of each epoch).
+        guard: a NonFiniteLossGuard checked before every save.
+    """
+
+    def __init__(
+        self,
+        ckpt_dir: str,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler=None,
+        extra: Mapping[str, object] | None = None,
+        resume: bool = True,
+        every_n_iterations: int = 0,
+        filename: str = "last.pt",
+        guard=None,
+    ):
+        self.path = os.path.join(ckpt_dir, filename)
+        self.network = network
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.extra = dict(extra or {})
+        self.resume = resume
+        self.every_n_iterations = int(every_n_iterations)
+        self.guard = guard
+
+    def attach(self, engine: Engine) -> None:
+        # STARTED fires before the first EPOCH_STARTED, so the stage schedule sees the resumed counters.
+        engine.add_event_handler(Events.STARTED, self.load)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+        if self.every_n_iterations > 0:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every_n_iterations), self.save)
+
+    def state(self, engine: Engine) -> dict:
+        return {
+            "network": unwrap(self.network).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else {},
+            "trainer": {
+                "epoch": torch.tensor(engine.state.epoch),
+                "iteration": torch.tensor(engine.state.iteration),
+                "epoch_length": torch.tensor(engine.state.epoch_length),
+                "stage": torch.tensor(getattr(engine.state, "stage", 0)),
+                "temperature": unwrap(self.network).temperature.detach().clone().cpu(),
+            },
+            "extra": {name: obj.state_dict() for name, obj in self.extra.items()},
+            "rng": rng_state(),
+        }
+
+    def save(self, engine: Engine) -> None:
+        if self.guard is not None:
+            self.guard.check(engine)  # never save a state reached through a NaN loss
+        if is_main_process():
+            atomic_save(self.state(engine), self.path)
+
+    def load(self, engine: Engine) -> None:
+        if not (self.resume and os.path.isfile(self.path)):
+            return
+        checkpoint = torch.load(self.path, map_location="cpu", weights_only=True)
+        unwrap(self.network).load_state_dict(checkpoint["network"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if self.lr_scheduler is not None and checkpoint["lr_scheduler"]:
+            self.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        for name, obj in self.extra.items():
+            if name in checkpoint["extra"]:
+                obj.load_state_dict(checkpoint["extra"][name])
+        trainer = checkpoint["trainer"]
+        saved_length = int(trainer["epoch_length"])
+        if engine.state.epoch_length and saved_length != engine.state.epoch_length:
+            raise RuntimeError(
+                f"{self.path}: saved with {saved_length} iterations per epoch, this run has "
+                f"{engine.state.epoch_length} (different data or batch size); move the checkpoint away to start over"
+            )
+        engine.state.iteration = int(trainer["iteration"])
+        engine.state.epoch = int(trainer["iteration"]) // saved_length
+        set_rng_state(checkpoint["rng"])
+        logger.info(
+            f"resumed from {self.path}: stage {int(trainer['stage'])}, epoch {engine.state.epoch}, "
+            f"iteration {engine.state.iteration}, temperature {float(trainer['temperature']):.4g}"
+        )
