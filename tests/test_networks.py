@@ -241,13 +241,24 @@ def test_weights_round_trip_through_a_file(tmp_path):
     assert float(other.temperature) == 0.25
 
 
-def test_probability_wrapper_returns_a_tensor():
-    wrapper = RpSalProbabilities(tiny_net()).eval()
+def test_probability_network_returns_a_tensor_and_shares_the_state_dict():
+    net = tiny_net().eval()
+    torch.manual_seed(5)
+    wrapper = RpSalProbabilities(**TINY).eval()
+    wrapper.load_state_dict(net.state_dict())  # an RpSalNet checkpoint loads as is
+    x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        probs = wrapper(torch.randn(2, 3, 64, 64))
-        combined = RpSalProbabilities(wrapper.network, logits="combined")(torch.randn(2, 3, 64, 64))
+        probs = wrapper(x)
+        expected = torch.sigmoid(net(x).image_logits)
+        combined = RpSalProbabilities(**TINY, logits="combined").eval()
+        combined.load_state_dict(net.state_dict())
+        combined_probs = combined(x)
     assert probs.shape == (2, 14) and ((probs >= 0) & (probs <= 1)).all()
-    assert combined.shape == (2, 14)
+    assert torch.equal(probs, expected)
+    assert torch.allclose(combined_probs, torch.sigmoid(net(x).combined_logits))
+    assert wrapper.outputs(x).refined_boxes.shape == (2, 14, 395, 4)
+    with pytest.raises(ValueError, match="logits"):
+        RpSalProbabilities(**TINY, logits="crop")
 
 
 # ---- ImageNet weights from local files ---------------------------------------------------------------------

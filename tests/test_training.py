@@ -11,43 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from conftest import REPO_ROOT, subprocess_env
+from conftest import (
+    REPO_ROOT,
+    TINY_NETWORK,
+    TRAIN_CONFIGS,
+    bundle_command,
+    run_bundle,
+    subprocess_env,
+    write_overrides,
+)
 from custom.data.bundle_data import load_datalist
 from custom.networks.rpsal import RpSalNet
 
-CONFIGS = ["bundle/configs/train.yaml", "bundle/configs/demo.yaml"]
-
-
-def write_overrides(folder: Path, phantom: Path, epochs=(1, 1, 1), **extra) -> Path:
-    """A config merged last: the tiny phantom, 64-px images, outputs in ``folder``."""
-    overrides = {
-        "dataset_dir": str(phantom),
-        "ckpt_dir": str(folder / "models"),
-        "output_dir": str(folder / "logs"),
-        "image_size": 64,
-        "batch_size": 8,
-        "network_def#crop_size": 16,
-        **{f"stages#{i}#epochs": e for i, e in enumerate(epochs)},
-        **extra,
-    }
-    path = folder / "overrides.yaml"
-    path.write_text(yaml.safe_dump(overrides))
-    return path
-
-
-def bundle_command(configs: list[str], launcher: list[str] | None = None) -> list[str]:
-    config_list = "[" + ",".join(f"'{c}'" for c in configs) + "]"
-    launcher = launcher or [sys.executable]
-    return [*launcher, "-m", "monai.bundle", "run", "training", "--config_file", config_list]
-
-
-def run_bundle(configs, launcher=None, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        bundle_command(configs, launcher), cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True,
-        timeout=timeout,
-    )
+CONFIGS = TRAIN_CONFIGS
 
 
 def metrics_rows(folder: Path) -> list[dict]:
@@ -59,10 +36,9 @@ def read_checkpoint(folder: Path) -> dict:
     return torch.load(folder / "models" / "last.pt", map_location="cpu", weights_only=True)
 
 
-def test_three_stages_train_and_write_everything(tmp_path, tiny_phantom):
-    overrides = write_overrides(tmp_path, tiny_phantom)
-    result = run_bundle([*CONFIGS, str(overrides)])
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+def test_three_stages_train_and_write_everything(tiny_trained_model):
+    tmp_path = tiny_trained_model["folder"]
+    output = tiny_trained_model["training_output"]
     rows = metrics_rows(tmp_path)
     assert [row["stage"] for row in rows] == [1, 2, 3]
     assert rows[0]["temperature"] == pytest.approx(1.0)
@@ -77,10 +53,9 @@ def test_three_stages_train_and_write_everything(tmp_path, tiny_phantom):
     assert int(checkpoint["trainer"]["stage"]) == 3 and int(checkpoint["trainer"]["epoch"]) == 3
     # Annealed 1 -> 0.001 over stages 2 and 3: the last iteration is one step short of the end.
     assert 1e-3 <= float(checkpoint["trainer"]["temperature"]) < 2e-3
-    net = RpSalNet(backbone="densenet_small", crop_backbone="resnet10", fpn_channels=32, class_channels=16,
-                   head_channels=8, crop_size=16)
+    net = RpSalNet(**TINY_NETWORK)
     net.load_state_dict(torch.load(models / "model.pt", weights_only=True))
-    assert "stage 3" in result.stdout or "stage 3" in result.stderr
+    assert "training stage 3 (joint) starts at epoch 3" in output
 
 
 def test_rerun_after_sigkill_continues_from_the_last_checkpoint(tmp_path, tiny_phantom):

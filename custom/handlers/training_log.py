@@ -69,7 +69,7 @@ class StageBestModel:
 
 
 class MetricsLog:
-    """Appends one row per validation to ``<log_dir>/metrics.csv`` and ``metrics.jsonl``; also TensorBoard
+    """Appends one row per evaluation to ``<log_dir>/<filename>.csv`` and ``.jsonl``; also TensorBoard
     scalars when ``torch.utils.tensorboard`` is importable. Logs the per-class AUC at INFO level.
 
     Attach to the validation evaluator; the trainer's counters are read through ``schedule`` (the
@@ -77,8 +77,10 @@ class MetricsLog:
     values are logged, by metric name.
     """
 
-    def __init__(self, schedule, log_dir: str, auc_metrics: dict | None = None, class_names=CLASS_NAMES):
+    def __init__(self, schedule, log_dir: str, auc_metrics: dict | None = None, class_names=CLASS_NAMES,
+                 filename: str = "metrics"):
         self.schedule = schedule
+        self.filename = filename
         self.log_dir = log_dir
         self.auc_metrics = dict(auc_metrics or {})
         self.class_names = tuple(class_names)
@@ -98,13 +100,14 @@ class MetricsLog:
         return self._writer
 
     def write(self, evaluator: Engine) -> None:
-        state = self.schedule.engine.state
-        output = state.output
+        trainer = self.schedule.engine  # None when evaluating without training (the `testing` entry point)
+        state = trainer.state if trainer is not None else None
+        output = state.output if state is not None else None
         loss = output.get("loss") if isinstance(output, dict) else None
         row = {
             "stage": int(getattr(state, "stage", 0)),
-            "epoch": state.epoch,
-            "iteration": state.iteration,
+            "epoch": state.epoch if state is not None else 0,
+            "iteration": state.iteration if state is not None else 0,
             "temperature": float(getattr(state, "temperature", float("nan"))),
             "train_loss": float(loss) if loss is not None else float("nan"),
         }
@@ -114,25 +117,25 @@ class MetricsLog:
             row[f"{name}_samples"] = metric.num_samples
             if metric.per_class:
                 row.update({f"{name}/{c}": v for c, v in zip(self.class_names, metric.per_class)})
-                logger.info(f"epoch {state.epoch} {name} per class: " + ", ".join(
+                logger.info(f"epoch {row['epoch']} {name} per class: " + ", ".join(
                     f"{c} {v:.3f}" for c, v in zip(self.class_names, metric.per_class)))
         if not is_main_process():
             return
         os.makedirs(self.log_dir, exist_ok=True)
-        with open(os.path.join(self.log_dir, "metrics.jsonl"), "a") as handle:
+        with open(os.path.join(self.log_dir, f"{self.filename}.jsonl"), "a") as handle:
             handle.write(json.dumps(row) + "\n")
-        csv_path = os.path.join(self.log_dir, "metrics.csv")
+        csv_path = os.path.join(self.log_dir, f"{self.filename}.csv")
         new = not os.path.exists(csv_path)
         with open(csv_path, "a", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(row), extrasaction="ignore")
             if new:
                 writer.writeheader()
             writer.writerow(row)
-        tensorboard = self._tensorboard()
+        tensorboard = self._tensorboard() if self.filename == "metrics" else None
         if tensorboard:
             for key, value in row.items():
                 if key not in ("stage", "epoch", "iteration") and not math.isnan(value):
-                    tensorboard.add_scalar(key, value, state.iteration)
+                    tensorboard.add_scalar(key, value, row["iteration"])
             tensorboard.flush()
 
 

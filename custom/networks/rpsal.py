@@ -131,7 +131,8 @@ class RpSalNet(nn.Module):
         proposal_logits, refined_boxes = self.proposal_head(
             class_features, saliency_logits, proposals, (height, width)
         )
-        selection = self.selector(proposal_logits, float(self.temperature))
+        # The temperature stays a device tensor: float() of it would wait for the GPU.
+        selection = self.selector(proposal_logits, self.temperature)
         selected_boxes = select_boxes(selection, refined_boxes)
         crop_logits = self.crop_classifier(self.crop(images, selected_boxes))
         combined_logits = image_logits + crop_logits.to(image_logits.dtype)
@@ -147,21 +148,28 @@ class RpSalNet(nn.Module):
         )
 
 
-class RpSalProbabilities(nn.Module):
-    """Inference wrapper returning a plain tensor: the (B, K) class probabilities.
+class RpSalProbabilities(RpSalNet):
+    """RpSalNet whose ``forward`` returns a plain tensor: the (B, K) class probabilities.
 
-    For the places that need a tensor output (MONAI ``verify_net_in_out``, TorchScript export, MONAI Label).
-    ``logits`` chooses ``"image"`` (the classification module's y, as the paper reports AUC) or
-    ``"combined"`` (y + z, which runs the detection module too).
+    Same parameters and state dict as RpSalNet (a checkpoint of one loads into the other), for the places
+    that need a tensor output: MONAI ``verify_net_in_out``, TorchScript export, MONAI Label. ``outputs``
+    gives the full RpSalOutput for the localisation maps. ``logits`` chooses ``"image"`` (the classification
+    module's y, on which the paper reports AUC; the detection module is skipped) or ``"combined"`` (y + z).
+    Other arguments as RpSalNet.
+
+    ``forward(images (B, 3, H, W))`` -> probabilities (B, K) in [0, 1].
     """
 
-    def __init__(self, network: RpSalNet, logits: str = "image"):
-        super().__init__()
+    def __init__(self, *args, logits: str = "image", **kwargs):
         if logits not in ("image", "combined"):
             raise ValueError(f"logits must be 'image' or 'combined', got {logits!r}")
-        self.network = network
+        super().__init__(*args, **kwargs)
         self.logits = logits
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        output = self.network(images, with_detection=self.logits == "combined")
+    def outputs(self, images: torch.Tensor, with_detection: Optional[bool] = None) -> RpSalOutput:
+        """Everything RpSalNet computes (see RpSalOutput)."""
+        return super().forward(images, with_detection)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        output = self.outputs(images, with_detection=self.logits == "combined")
         return torch.sigmoid(output.combined_logits if self.logits == "combined" else output.image_logits)
