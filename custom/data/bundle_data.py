@@ -19,6 +19,18 @@ logger = logging.getLogger(__name__)
 SPLITS = ("training", "validation", "test")
 
 
+CLASSIFICATION_KEYS = ("image", "label", "original_size")
+
+
+def classification_items(items: list[dict]) -> list[dict]:
+    """The items with only the keys a classification batch needs (image, label, original_size).
+
+    Test items carry ragged ``boxes``/``box_labels`` on some images only, which PyTorch's collate cannot
+    batch; evaluation of boxes reads them from the datalist instead.
+    """
+    return [{key: item[key] for key in CLASSIFICATION_KEYS if key in item} for item in items]
+
+
 def _absolute_paths(datalist: dict, base_dir: str | os.PathLike) -> dict:
     for split in SPLITS:
         for item in datalist.get(split, []):
