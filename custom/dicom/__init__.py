@@ -1,0 +1,29 @@
+"""DICOM output for hospitals: the model's findings on a CR/DX radiograph, written back into its study.
+
+- ``study.py``: reading the source radiograph (reusing ``custom.transforms.read_grey_image``, which decodes
+  MONOCHROME1/2 at any bit depth and refuses CT, MR, SR and multi-frame objects by name), copying its patient
+  and study attributes, new series/instance UIDs, safe output names.
+- ``sr.py``: ``Finding`` (class, probability, box xyxy in source pixels) and the Comprehensive SR
+  (``build_findings_sr``; ``read_findings_sr`` reads it back).
+- ``secondary_capture.py``: the overlay picture (``render_overlay``) as a Secondary Capture
+  (``build_overlay_sc``).
+- ``report.py``: ``DicomReporter`` (model -> SR + overlay + JSON per file) and ``reporter_from_config``;
+  the CLI is ``scripts/dicom_infer.py``, the bundle config ``configs/inference_dicom.yaml``.
+
+Nothing here imports MONAI Label; ``report.py`` imports the bundle's inference pipeline on use.
+"""
+
+from custom.dicom.secondary_capture import build_overlay_sc, render_overlay
+from custom.dicom.sr import Finding, build_findings_sr, read_findings_sr
+from custom.dicom.study import DicomSourceError, read_source, safe_output_path
+
+__all__ = [
+    "DicomSourceError",
+    "Finding",
+    "build_findings_sr",
+    "build_overlay_sc",
+    "read_findings_sr",
+    "read_source",
+    "render_overlay",
+    "safe_output_path",
+]

@@ -1,0 +1,244 @@
+"""Export the bundle as a self-contained folder and zip, as the MONAI model zoo and MONAI Label load bundles.
+
+Usage::
+
+    python scripts/export_bundle.py --out_dir dist [--model runs/demo/models/model.pt]
+        [--calibration runs/demo/models/calibration.json] [--overrides overrides.yaml] [--torchscript true]
+
+Writes ``<out_dir>/chestxray14_rpsal_detection/`` and ``<out_dir>/chestxray14_rpsal_detection.zip`` (the zip
+holds that one folder, as the zoo's zips do):
+
+- ``configs/``: every ``bundle/configs/*.{yaml,json,conf}`` with ``bundle_root: .`` (paths resolve from the
+  bundle folder: run ``python -m monai.bundle run --config_file configs/inference.yaml`` THERE);
+- ``custom/``: this project's Python package, copied inside (the zoo's CI and MONAI Label put the bundle root
+  on ``sys.path``, so ``custom.*`` targets resolve without this repository);
+- ``docs/`` (model card, data licence), ``LICENSE``;
+- ``models/``: ``model.pt`` and ``calibration.json`` when given (weights are optional), and ``model.ts``
+  (TorchScript, traced, via ``monai.bundle ckpt_export``) with ``--torchscript true``.
+
+``--overrides`` (a YAML/JSON file or a dict of config id -> value, e.g. the demo network's sizes) is appended
+to ``configs/inference.yaml`` as top-level ``id: value`` lines, which MONAI's config loader applies after the
+rest of the file, so the exported inference config matches the weights shipped. When it sets ``image_size``,
+the input and map shapes in ``metadata.json`` follow.
+
+Exit status 0 on success; a missing file or an existing non-empty output folder (without ``--force``) is an
+error naming the path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLE_NAME = "chestxray14_rpsal_detection"
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json", ".conf")
+# A top-level ``bundle_root: ...`` line of a YAML config (not one nested under another key).
+BUNDLE_ROOT_LINE = re.compile(r"^bundle_root:.*$", re.MULTILINE)
+IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", ".*")
+
+
+class ExportError(RuntimeError):
+    """The export cannot proceed; the message names the file and the problem."""
+
+
+def _read_overrides(overrides) -> dict:
+    """Overrides as a dict: a dict as is, or the top-level mapping of a YAML/JSON file; None -> {}."""
+    if overrides is None:
+        return {}
+    if isinstance(overrides, Mapping):
+        return dict(overrides)
+    path = Path(str(overrides))
+    if not path.is_file():
+        raise ExportError(f"{path}: overrides file not found")
+    content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(content, Mapping):
+        raise ExportError(f"{path}: overrides must be a mapping of config id -> value, "
+                          f"got {type(content).__name__}")
+    return dict(content)
+
+
+def rewrite_bundle_root(text: str, path: Path) -> str:
+    """Set a YAML config's top-level ``bundle_root`` to ``.``: the exported bundle runs from its folder."""
+    text, count = BUNDLE_ROOT_LINE.subn("bundle_root: .", text)
+    if count > 1:
+        raise ExportError(f"{path}: {count} top-level bundle_root lines; expected at most one")
+    return text
+
+
+def apply_overrides(text: str, overrides: Mapping, path: Path) -> str:
+    """Apply config overrides to a YAML config's text, keeping its comments.
+
+    A plain id that is a top-level key with a one-line value (``image_size: 512``) is rewritten in place (a
+    second top-level key would be a duplicate); every other id (``network_def#backbone``) is appended as a
+    top-level ``id: value`` line, which MONAI's loader applies after the file's own keys.
+    """
+    appended = {}
+    for key, value in overrides.items():
+        key = str(key)
+        line = re.compile(rf"^{re.escape(key)}:(.*)$", re.MULTILINE)
+        match = line.search(text)
+        if "#" in key or match is None:
+            appended[key] = value
+            continue
+        if not match.group(1).split("#")[0].strip():
+            raise ExportError(f"{path}: '{key}' is a block; override its entries as '{key}#<entry>'")
+        dumped = yaml.safe_dump({key: value}, default_flow_style=True, width=10**6).strip()[1:-1]
+        replacement = f"{dumped}  # set by scripts/export_bundle.py"
+        text = text[:match.start()] + replacement + text[match.end():]
+    if appended:
+        dumped = yaml.safe_dump(appended, sort_keys=False, default_flow_style=False, width=110)
+        text = (text.rstrip("\n") + "\n\n# ---- overrides applied by scripts/export_bundle.py (to match the "
+                "weights shipped in models/) ----\n" + dumped)
+    return text
+
+
+def update_metadata(metadata: dict, overrides: Mapping) -> dict:
+    """Metadata with the input/map shapes of an overridden ``image_size`` (S x S input, S/4 x S/4 maps)."""
+    metadata = json.loads(json.dumps(metadata))
+    size = overrides.get("image_size")
+    if size is None:
+        return metadata
+    size = int(size)
+    if size % 32:
+        raise ExportError(f"image_size must be a multiple of 32 (the network's stride), got {size}")
+    formats = metadata["network_data_format"]
+    next(iter(formats["inputs"].values()))["spatial_shape"] = [size, size]
+    maps = formats.get("post_processed_outputs", {}).get("maps")
+    if maps is not None:
+        maps["spatial_shape"] = [size // 4, size // 4]
+    return metadata
+
+
+def _copy_file(source: Path, target: Path, what: str) -> None:
+    if not source.is_file():
+        raise ExportError(f"{source}: {what} not found")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+
+
+def write_bundle_folder(bundle: Path, model=None, calibration=None, overrides=None) -> dict:
+    """Write the bundle folder (configs, custom, docs, LICENSE, models); returns the metadata written."""
+    overrides = _read_overrides(overrides)
+    configs = bundle / "configs"
+    configs.mkdir(parents=True)
+    source_configs = REPO_ROOT / "bundle" / "configs"
+    metadata = None
+    for source in sorted(source_configs.iterdir()):
+        if source.suffix not in CONFIG_SUFFIXES or not source.is_file():
+            continue
+        if source.name == "metadata.json":
+            metadata = update_metadata(json.loads(source.read_text(encoding="utf-8")), overrides)
+            (configs / source.name).write_text(json.dumps(metadata, indent=4) + "\n", encoding="utf-8")
+            continue
+        text = source.read_text(encoding="utf-8")
+        if source.suffix in (".yaml", ".yml"):
+            text = rewrite_bundle_root(text, source)
+            if source.name == "inference.yaml":
+                text = apply_overrides(text, overrides, source)
+        (configs / source.name).write_text(text, encoding="utf-8")
+    if metadata is None:
+        raise ExportError(f"{source_configs}: metadata.json not found")
+    if not (configs / "inference.yaml").is_file():
+        raise ExportError(f"{source_configs}: inference.yaml not found (the bundle's inference config)")
+    shutil.copytree(REPO_ROOT / "custom", bundle / "custom", ignore=IGNORED)
+    docs = REPO_ROOT / "bundle" / "docs"
+    if docs.is_dir():
+        shutil.copytree(docs, bundle / "docs", ignore=IGNORED)
+    _copy_file(REPO_ROOT / "bundle" / "LICENSE", bundle / "LICENSE", "bundle licence")
+    (bundle / "models").mkdir()
+    if model is not None:
+        _copy_file(Path(model), bundle / "models" / "model.pt", "model checkpoint")
+    if calibration is not None:
+        _copy_file(Path(calibration), bundle / "models" / "calibration.json", "calibration file")
+    return metadata
+
+
+def export_torchscript(bundle: Path, metadata: dict) -> Path:
+    """Trace ``network_def`` of the exported inference config to ``models/model.ts`` (``monai.bundle
+    ckpt_export``, run from the bundle folder with only the bundle on the Python path). Returns the path."""
+    if not (bundle / "models" / "model.pt").is_file():
+        raise ExportError(f"{bundle}/models/model.pt: needed for --torchscript (pass --model)")
+    image = next(iter(metadata["network_data_format"]["inputs"].values()))
+    shape = [1, int(image["num_channels"]), *(int(side) for side in image["spatial_shape"])]
+    command = [
+        sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def",
+        "--filepath", "models/model.ts", "--ckpt_file", "models/model.pt",
+        "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.yaml",
+        "--use_trace", "True", "--input_shape", json.dumps(shape),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(bundle)}
+    result = subprocess.run(command, cwd=bundle, env=env, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise ExportError(f"ckpt_export failed in {bundle}:\n{(result.stdout + result.stderr)[-4000:]}")
+    return bundle / "models" / "model.ts"
+
+
+def zip_bundle(bundle: Path, zip_path: Path) -> Path:
+    """Zip the bundle folder so the archive holds ``<bundle name>/...`` (sorted entries)."""
+    temp = zip_path.with_name(f".{zip_path.name}.{os.getpid()}.tmp")
+    with zipfile.ZipFile(temp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(bundle.rglob("*")):
+            if path.is_file():
+                archive.write(path, Path(bundle.name) / path.relative_to(bundle))
+    os.replace(temp, zip_path)
+    return zip_path
+
+
+def export_bundle(out_dir: str = "dist", model: str | None = None, calibration: str | None = None,
+                  overrides=None, torchscript: bool = False, make_zip: bool = True,
+                  force: bool = False) -> str:
+    """Write the self-contained bundle folder (and zip) under ``out_dir``.
+
+    Args:
+        out_dir: output folder; the bundle goes to ``out_dir/chestxray14_rpsal_detection``.
+        model: a trained ``model.pt`` (RpSalNet state dict) to ship; None ships no weights.
+        calibration: the ``calibration.json`` evaluate.yaml wrote for that model; None: inference defaults.
+        overrides: config id -> value (dict, or a YAML/JSON file) appended to ``configs/inference.yaml``.
+        torchscript: also write ``models/model.ts`` (needs ``model``).
+        make_zip: also write ``out_dir/chestxray14_rpsal_detection.zip``.
+        force: replace an existing bundle folder.
+
+    Returns:
+        The bundle folder's path (printed by the CLI).
+    """
+    out_dir = Path(out_dir).resolve()
+    bundle = out_dir / BUNDLE_NAME
+    if bundle.exists():
+        if not force:
+            raise ExportError(f"{bundle}: already exists (pass --force true to replace it)")
+        shutil.rmtree(bundle)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        metadata = write_bundle_folder(bundle, model, calibration, overrides)
+        if torchscript:
+            export_torchscript(bundle, metadata)
+    except BaseException:
+        shutil.rmtree(bundle, ignore_errors=True)  # no half-written bundle left behind
+        raise
+    if make_zip:
+        zip_bundle(bundle, out_dir / f"{BUNDLE_NAME}.zip")
+    return str(bundle)
+
+
+def main() -> None:
+    import fire
+
+    try:
+        fire.Fire(export_bundle)  # fire prints the returned bundle path
+    except ExportError as error:
+        print(f"export_bundle: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
