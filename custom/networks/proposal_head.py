@@ -10,8 +10,10 @@ Shapes for B images of H x W pixels, K classes, N proposals, C class channels, m
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
@@ -114,42 +116,117 @@ def roi_align_matrix(
         return matrix.coalesce().to_sparse_csr()
 
 
-class FixedProposalPooler(nn.Module):
-    """RoIAlign of fixed proposals as one sparse matrix product, built once per (proposals, feature size).
+class _RowPooling(torch.autograd.Function):
+    """``matrix @ rows`` for a fixed sparse matrix given as CSR triplets, and its transpose for the backward.
 
-    Equal to :class:`ProposalPooler` (torchvision ``roi_align``, ``aligned=True``) to float rounding, but one
-    multithreaded sparse-dense product forward and backward instead of a per-box kernel whose CPU backward
-    is single-threaded; the proposals are fixed, so the matrix is cached.
+    Each output row is a weighted sum of a few input rows: ``embedding_bag(mode="sum")`` with per-sample
+    weights computes exactly that, with vectorised, multithreaded kernels on the CPU and the GPU, and needs
+    no conversion of the index arrays per call as the sparse-matrix product does.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, matrix: "_PoolingMatrix"):
+        ctx.matrix = matrix
+        return F.embedding_bag(matrix.columns, rows, matrix.offsets, mode="sum", per_sample_weights=matrix.values)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        matrix = ctx.matrix
+        grad_rows = F.embedding_bag(
+            matrix.t_columns, grad.contiguous(), matrix.t_offsets, mode="sum", per_sample_weights=matrix.t_values
+        )
+        return grad_rows, None
+
+
+class _PoolingMatrix(NamedTuple):
+    """A (R, P) sparse matrix and its transpose as CSR triplets: row r sums ``values[o[r]:o[r+1]]`` times
+    the input rows ``columns[o[r]:o[r+1]]`` (``offsets`` = o without its last entry, as embedding_bag takes)."""
+
+    columns: torch.Tensor
+    offsets: torch.Tensor
+    values: torch.Tensor
+    t_columns: torch.Tensor
+    t_offsets: torch.Tensor
+    t_values: torch.Tensor
+
+
+def _csr_triplets(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return matrix.crow_indices()[:-1].contiguous(), matrix.col_indices().contiguous(), matrix.values().contiguous()
+
+
+def batch_pooling_matrix(matrix: torch.Tensor, batch: int) -> _PoolingMatrix:
+    """The block-diagonal matrix applying the (R, P) CSR ``matrix`` to each of ``batch`` images stacked along
+    the rows, (batch*R, batch*P), with its transpose, as embedding_bag triplets."""
+    rows, cols = matrix.shape
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        transpose = matrix.to_sparse_coo().t().coalesce().to_sparse_csr()
+    triplets = []
+    for csr, (height, width) in ((matrix, (rows, cols)), (transpose, (cols, rows))):
+        offsets, columns, values = _csr_triplets(csr)
+        nnz = columns.numel()
+        image = torch.arange(batch, device=columns.device)
+        triplets.append((
+            (columns[None] + image[:, None] * width).reshape(-1),
+            (offsets[None] + image[:, None] * nnz).reshape(-1),
+            values.repeat(batch),
+        ))
+    (columns, offsets, values), (t_columns, t_offsets, t_values) = triplets
+    return _PoolingMatrix(columns, offsets, values, t_columns, t_offsets, t_values)
+
+
+class FixedProposalPooler(nn.Module):
+    """RoIAlign of fixed proposals as one sparse linear map, built once per (proposals, feature size, batch).
+
+    Equal to :class:`ProposalPooler` (torchvision ``roi_align``, ``aligned=True``) to float rounding: the same
+    bilinear weights (``roi_align_matrix``) applied as weighted sums of feature rows, forward and backward
+    (``embedding_bag``) instead of a per-box kernel whose CPU backward is single-threaded; the proposals are
+    fixed, so the matrix is cached.
 
     ``forward(features (B, F, h, w), proposals (N, 4) xyxy input pixels, image_size (H, W))``
-    -> (B, N, F, s, s).
+    -> (B, N, F, s, s) float32, stored as (B, N, s, s, F) (channels-last per proposal). Features stored
+    channels-last (pixel-major) are read without a copy.
     """
 
     def __init__(self, output_size: int = 5, sampling_ratio: int = 2):
         super().__init__()
         self.output_size = output_size
         self.sampling_ratio = sampling_ratio
-        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[tuple, tuple[torch.Tensor, int, torch.Tensor, _PoolingMatrix]] = {}
 
-    def matrix(self, proposals: torch.Tensor, feature_size: tuple[int, int], image_size: tuple[int, int]):
-        key = (tuple(feature_size), tuple(image_size), proposals.shape[0], str(proposals.device))
+    def matrix(self, proposals: torch.Tensor, feature_size: tuple[int, int], image_size: tuple[int, int],
+               batch: int = 1) -> _PoolingMatrix:
+        """The block-diagonal pooling matrix of ``batch`` images (cached; rebuilt if the proposals change).
+
+        The same proposals tensor, unmodified since (``ProposalGrid`` caches it), is recognised without
+        comparing values, so a cached lookup never waits for the GPU.
+        """
+        key = (tuple(feature_size), tuple(image_size), proposals.shape[0], str(proposals.device), batch)
         cached = self._cache.get(key)
-        if cached is None or not torch.equal(cached[0], proposals):
+        if cached is not None and cached[0] is proposals and cached[1] == proposals._version:
+            return cached[3]
+        if cached is None or not torch.equal(cached[2], proposals):
             matrix = roi_align_matrix(
-                proposals.cpu(), feature_size, feature_size[1] / image_size[1], self.output_size, self.sampling_ratio
-            ).to(proposals.device)
-            cached = (proposals.clone(), matrix)
-            self._cache[key] = cached
-        return cached[1]
+                proposals.detach().cpu(), feature_size, feature_size[1] / image_size[1], self.output_size,
+                self.sampling_ratio,
+            )
+            pooling = _PoolingMatrix(*(t.to(proposals.device) for t in batch_pooling_matrix(matrix, batch)))
+        else:
+            pooling = cached[3]
+        # The tensor itself (kept alive, so its identity stays unique), its version, a copy of its values.
+        self._cache[key] = (proposals, proposals._version, proposals.detach().clone(), pooling)
+        return pooling
 
     def forward(self, features: torch.Tensor, proposals: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         b, f, h, w = features.shape
         n, s = proposals.shape[0], self.output_size
-        matrix = self.matrix(proposals, (h, w), image_size)
-        # (h*w, B*F) columns; sparse kernels take float32 (also under bf16 autocast).
-        columns = features.float().permute(2, 3, 0, 1).reshape(h * w, b * f)
-        pooled = torch.sparse.mm(matrix, columns)  # (N*s*s, B*F)
-        return pooled.view(n, s, s, b, f).permute(3, 0, 4, 1, 2)
+        matrix = self.matrix(proposals, (h, w), image_size, b)
+        # Pixel rows (B*h*w, F), in float32 (also under autocast, for the accumulation).
+        rows = features.float().permute(0, 2, 3, 1).reshape(b * h * w, f)
+        pooled = _RowPooling.apply(rows, matrix)  # (B*N*s*s, F)
+        return pooled.view(b, n, s, s, f).permute(0, 1, 4, 2, 3)
 
 
 class ProposalHead(nn.Module):
@@ -195,14 +272,54 @@ class ProposalHead(nn.Module):
         proposals: torch.Tensor,
         image_size: tuple[int, int],
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """class features (B, K, C, h, w), saliency logits (B, K, h, w), proposals (N, 4) xyxy input pixels,
+        image_size (H, W) -> proposal logits (B, K, N), refined boxes (B, K, N, 4) xyxy input pixels."""
+        features, saliency = self.pool(class_features, saliency_logits, proposals, image_size)
+        # The pooled tensors are fresh: without autograd they can be gated in place.
+        needs_grad = torch.is_grad_enabled() and (features.requires_grad or saliency.requires_grad)
+        return self.score(features, saliency, proposals, image_size, inplace=not needs_grad)
+
+    def pool(
+        self,
+        class_features: torch.Tensor,
+        saliency_logits: torch.Tensor,
+        proposals: torch.Tensor,
+        image_size: tuple[int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The proposals' pooled class features (B*N, K, C, s, s) and pooled sigmoid saliency (B*N, K, 1, s, s),
+        float32, rows ordered image-major (row b*N + n)."""
         b, k, c, h, w = class_features.shape
         n = proposals.shape[0]
         pooled = self.pooler(class_features.reshape(b, k * c, h, w), proposals, image_size)  # (B, N, K*C, s, s)
         pooled_saliency = self.pooler(torch.sigmoid(saliency_logits), proposals, image_size)  # (B, N, K, s, s)
         s = pooled.shape[-1]
-        gated = pooled.reshape(b * n, k, c, s, s) * pooled_saliency.reshape(b * n, k, 1, s, s)
-        hidden = self.activation(self.conv(gated.view(b * n, k * c, s, s).to(class_features.dtype)))
-        hidden = hidden.amax(dim=(2, 3)).view(b, n, k, -1)  # global max pool -> (B, N, K, hidden)
+        return pooled.reshape(b * n, k, c, s, s), pooled_saliency.reshape(b * n, k, 1, s, s)
+
+    def score(
+        self,
+        features: torch.Tensor,
+        saliency: torch.Tensor,
+        proposals: torch.Tensor,
+        image_size: tuple[int, int],
+        inplace: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features and saliency (``pool``) -> proposal logits (B, K, N), refined boxes (B, K, N, 4).
+
+        ``inplace`` gates ``features`` in place (overwriting it), saving a (B*N, K*C, s, s) allocation; only
+        without autograd.
+        """
+        rows, k, c, s, _ = features.shape
+        n = proposals.shape[0]
+        b = rows // n
+        gated = features.mul_(saliency) if inplace else features * saliency
+        # Channels-last storage (B*N, s, s, K*C) when the pooler gives it, which the conv keeps.
+        gated = gated.view(rows, k * c, s, s)
+        if not torch.is_autocast_enabled(gated.device.type):  # (autocast casts for the conv itself)
+            gated = gated.to(self.conv.weight.dtype)
+        hidden = self.conv(gated)
+        # Global max pool, then the activation: leaky ReLU is increasing, so act(max(x)) == max(act(x)) (the
+        # same values; the gradient goes to the same maximum), on 25x fewer values.
+        hidden = self.activation(hidden.amax(dim=(2, 3))).view(b, n, k, -1)  # (B, N, K, hidden)
         logits = torch.einsum("bnkd,kd->bkn", hidden, self.score_weight.to(hidden.dtype))
         deltas = torch.einsum("bnkd,kdo->bkno", hidden, self.delta_weight.to(hidden.dtype))
         deltas = deltas + self.delta_bias[None, :, None, :].to(hidden.dtype)

@@ -1,0 +1,156 @@
+"""Per-class BN-act-conv1x1 branches computed tile by tile, without K-fold copies of their input.
+
+The authors' saliency head gives every class k its own BN-act-conv1x1 on the SAME pyramid features, then a
+second BN-act-conv1x1 on that class's features. Written straightforwardly (repeat the pyramid K times,
+BatchNorm over K*Q channels, activation, grouped 1x1 conv; then BatchNorm, activation, grouped conv) each
+step writes and reads a full-size tensor: 235 MB per 512-px image for the first, 117 MB for the second, and
+autograd keeps several of them. With the BatchNorm folded into a per-class affine map (its statistics are
+computed beforehand), both branches are one primitive,
+
+    out[p, k, :] = weight[k] @ leaky_relu(scale[k] * (x[p, k'] - centre[k']) + shift[k]) + bias[k]
+
+(k' = 0 when x is shared by the classes, k' = k otherwise), which is evaluated here for a tile of pixels at
+a time: the activations of one tile stay in the CPU cache, and the backward pass recomputes them from x
+instead of storing them. The arithmetic is the same as the straightforward version's (the same products
+and sums, in tiles), so results agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Activations held per tile: 2^20 elements (4 MiB in float32, about one CPU core's L2 cache) on the CPU;
+# on a GPU tiles only bound the memory (2^27 elements, 256 MiB in bfloat16), and few launches remain.
+CPU_TILE_ELEMENTS = 1 << 20
+GPU_TILE_ELEMENTS = 1 << 27
+
+
+def default_tile_pixels(device: torch.device, num_classes: int, in_channels: int) -> int:
+    """Pixels per tile so that one tile's (pixels, K, Q) activations hold about the elements above."""
+    elements = CPU_TILE_ELEMENTS if device.type == "cpu" else GPU_TILE_ELEMENTS
+    return max(1, elements // (num_classes * in_channels))
+
+
+class _PerClassAffineLinear(torch.autograd.Function):
+    """Autograd function behind :func:`per_class_affine_linear` (arguments as there, already cast)."""
+
+    @staticmethod
+    def forward(ctx, x, centre, scale, shift, weight, bias, negative_slope: float, tile: int):
+        pixels = x.shape[0]
+        k, c, _ = weight.shape
+        out = torch.empty(pixels, k, c, device=x.device, dtype=weight.dtype)
+        weight_t = weight.transpose(1, 2)  # (K, Q, C)
+        for start in range(0, pixels, tile):
+            stop = min(start + tile, pixels)
+            x_tile = x[start:stop] if centre is None else x[start:stop] - centre
+            act = F.leaky_relu_(torch.addcmul(shift, x_tile, scale), negative_slope).to(weight.dtype)
+            # (K, tile, Q) @ (K, Q, C), written straight into the (tile, K, C) rows of the output (one GEMM
+            # per class with a row stride); the bias is added while the tile is in the cache.
+            rows = out[start:stop]
+            torch.bmm(act.transpose(0, 1), weight_t, out=rows.transpose(0, 1))
+            rows.add_(bias)
+        ctx.save_for_backward(x, centre, scale, shift, weight)
+        ctx.negative_slope = negative_slope
+        ctx.tile = tile
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, centre, scale, shift, weight = ctx.saved_tensors
+        need_x, need_centre, need_scale, need_shift, need_weight, need_bias = ctx.needs_input_grad[:6]
+        pixels, k, q = x.shape[0], weight.shape[0], weight.shape[2]
+        grad_out = grad_out.to(weight.dtype)
+        # Parameter gradients accumulate over tiles in float32 at least, whatever the compute dtype.
+        acc = torch.promote_types(weight.dtype, torch.float32)
+
+        def zeros(like: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
+            return torch.zeros(like.shape, device=x.device, dtype=acc) if needed and like is not None else None
+
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_centre, grad_scale = zeros(centre, need_centre), zeros(scale, need_scale)
+        grad_shift, grad_weight = zeros(shift, need_shift), zeros(weight, need_weight)
+        grad_bias = grad_out.sum(dim=0, dtype=acc) if need_bias else None
+        need_pre_grad = need_x or need_centre or need_scale or need_shift
+        for start in range(0, pixels, ctx.tile):
+            stop = min(start + ctx.tile, pixels)
+            centred = x[start:stop] if centre is None else x[start:stop] - centre  # (tile, K or 1, Q)
+            pre = torch.addcmul(shift, centred, scale)  # (tile, K, Q), recomputed instead of stored
+            grad_tile = grad_out[start:stop].transpose(0, 1)  # (K, tile, C)
+            if need_weight:
+                act = F.leaky_relu(pre, ctx.negative_slope).to(weight.dtype).transpose(0, 1)
+                if grad_weight.dtype == weight.dtype:
+                    grad_weight.baddbmm_(grad_tile.transpose(1, 2), act)
+                else:  # a low-precision product, accumulated in float32
+                    grad_weight += torch.bmm(grad_tile.transpose(1, 2), act)
+            if not need_pre_grad:
+                continue
+            grad_act = torch.empty(stop - start, k, q, device=x.device, dtype=weight.dtype)
+            torch.bmm(grad_tile, weight, out=grad_act.transpose(0, 1))  # (tile, K, Q), contiguous like pre
+            # leaky_relu's own backward kernel: grad where pre > 0, grad * slope elsewhere.
+            grad_pre = torch.ops.aten.leaky_relu_backward(grad_act.to(pre.dtype), pre, ctx.negative_slope, False)
+            if need_x or need_centre:
+                grad_centred = grad_pre * scale
+                if x.shape[1] == 1:  # x shared by the classes: its gradient sums theirs
+                    grad_centred = grad_centred.sum(dim=1, keepdim=True)
+                if need_x:
+                    grad_x[start:stop] = grad_centred
+                if need_centre:
+                    grad_centre -= grad_centred.sum(dim=0)
+            if need_scale:
+                grad_scale += (grad_pre * centred).sum(dim=0)
+            if need_shift:
+                grad_shift += grad_pre.sum(dim=0)
+
+        def cast(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
+            return None if grad is None else grad.to(like.dtype)
+
+        return (grad_x, cast(grad_centre, centre), cast(grad_scale, scale), cast(grad_shift, shift),
+                cast(grad_weight, weight), cast(grad_bias, weight), None, None)
+
+
+def per_class_affine_linear(
+    x: torch.Tensor,
+    centre: torch.Tensor | None,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    negative_slope: float,
+    tile_pixels: int | None = None,
+) -> torch.Tensor:
+    """``out[p, k] = weight[k] @ leaky_relu(scale[k] * (x[p, k'] - centre[k']) + shift[k]) + bias[k]``.
+
+    Args:
+        x: (P, 1, Q) features shared by the K classes (k' = 0), or (P, K, Q) per class (k' = k); P pixels
+            of all images in any order.
+        centre: (1 or K, Q) as x's second dim, subtracted first (a BatchNorm's mean; None: zeros).
+        scale, shift: (K, Q) the rest of the per-class affine map (a folded BatchNorm).
+        weight: (K, C, Q) per-class linear map (a grouped 1x1 conv's weight); bias: (K, C).
+        negative_slope: of the leaky ReLU.
+        tile_pixels: pixels per tile (None: :func:`default_tile_pixels`). The result does not depend on it.
+
+    Returns:
+        (P, K, C). Under autocast the matrix products run in the autocast dtype (the output has it) and
+        the affine map and activation in float32 at least, as BatchNorm does; otherwise in weight's dtype.
+    """
+    k, c, q = weight.shape
+    if x.ndim != 3 or x.shape[1] not in (1, k) or x.shape[2] != q:
+        raise ValueError(f"x must be (P, 1, Q) or (P, K, Q) with K={k}, Q={q}; got {tuple(x.shape)}")
+    if scale.shape != (k, q) or shift.shape != (k, q) or bias.shape != (k, c):
+        raise ValueError(f"expected scale and shift ({k}, {q}), bias ({k}, {c}); got {tuple(scale.shape)}, "
+                         f"{tuple(shift.shape)}, {tuple(bias.shape)}")
+    if centre is not None and centre.shape != x.shape[1:]:
+        raise ValueError(f"centre must be {tuple(x.shape[1:])}, got {tuple(centre.shape)}")
+    device_type = x.device.type
+    compute_dtype = weight.dtype
+    if torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
+    tile = tile_pixels or default_tile_pixels(x.device, k, q)
+    # The casts stay outside the Function, so autograd carries the gradients back through them.
+    affine_dtype = torch.promote_types(torch.promote_types(torch.float32, scale.dtype), x.dtype)
+    with torch.autocast(device_type, enabled=False):
+        return _PerClassAffineLinear.apply(
+            x, None if centre is None else centre.to(affine_dtype), scale.to(affine_dtype), shift.to(affine_dtype),
+            weight.to(compute_dtype), bias.to(compute_dtype), float(negative_slope), int(tile),
+        )
