@@ -19,13 +19,14 @@ Sections (``--sections``, default all):
            gets in a real step, so the next optimisation is chosen from data.
 
 The two models' calls alternate (A, B, A, B, ...) so that a machine shared with other work slows both alike;
-each table reports medians over ``--repeats`` timed calls after ``--warmup`` untimed ones. CUDA calls are timed
-with CUDA events, CPU calls with ``time.perf_counter`` (wall) and ``time.process_time`` (CPU time of the
-process, less sensitive to other processes on the machine). Peak memory: ``torch.cuda.max_memory_allocated``
+each table reports medians over ``--repeats`` timed calls after ``--warmup`` untimed ones. CUDA calls are
+timed with CUDA events, CPU calls with ``time.perf_counter`` (wall) and ``time.process_time`` (CPU time of
+the process, less sensitive to other processes on the machine). Peak memory: ``torch.cuda.max_memory_allocated``
 above the memory held before the call on a GPU; on the CPU the peak of PyTorch's allocations during one call,
 from ``torch.profiler``'s memory events. The load average before and after is recorded.
 Results are printed and written to ``--output`` (default ``docs/benchmarks.md``) between the markers
-``<!-- BEGIN GENERATED -->`` and ``<!-- END GENERATED -->``: text outside them (notes) is kept.
+``<!-- BEGIN GENERATED: scripts/benchmark.py -->`` and ``<!-- END GENERATED -->``: text outside them (notes)
+is kept.
 """
 
 from __future__ import annotations
@@ -48,25 +49,25 @@ for folder in (REPO_ROOT, REPO_ROOT / "scripts"):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
-import fire  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import torchvision  # noqa: E402
+import fire
+import torch
+import torch.nn.functional as F
+import torchvision
 
-from custom.inference.boxes import extract_boxes  # noqa: E402
-from custom.inference.maps import rpsal_maps  # noqa: E402
-from custom.labels import CLASS_NAMES  # noqa: E402
-from custom.losses import RpSalLoss  # noqa: E402
-from custom.networks.gumbel_selection import select_boxes  # noqa: E402
-from custom.networks.rpsal import RpSalNet, RpSalOutput  # noqa: E402
+from custom.inference.boxes import extract_boxes
+from custom.inference.maps import rpsal_maps
+from custom.labels import CLASS_NAMES
+from custom.losses import RpSalLoss
+from custom.networks.gumbel_selection import select_boxes
+from custom.networks.rpsal import RpSalNet, RpSalOutput
 
 BEGIN_MARK = "<!-- BEGIN GENERATED: scripts/benchmark.py -->"
 END_MARK = "<!-- END GENERATED -->"
 PRECISIONS = ("fp32", "tf32", "bf16")
 SECTIONS = ("train", "infer", "data", "parts")
 NUM_CLASSES = len(CLASS_NAMES)
-# Optimiser of the paper's stage 3 (method.md): Adam with decoupled weight decay 1e-3, eps 0.1, betas (0.9, 0.99).
-ADAMW = dict(lr=3e-4, weight_decay=1e-3, betas=(0.9, 0.99), eps=0.1)
+# Optimiser of the paper's stage 3 (method.md): Adam, decoupled weight decay 1e-3, eps 0.1, betas (0.9, 0.99).
+ADAMW = {"lr": 3e-4, "weight_decay": 1e-3, "betas": (0.9, 0.99), "eps": 0.1}
 # Class prevalence for the class-balanced BCE weights; any value gives the same cost.
 PREVALENCE = 0.05
 
@@ -94,7 +95,9 @@ class Clock:
         return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def interleaved(clock: Clock, calls: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, dict]:
+def interleaved(
+    clock: Clock, calls: dict[str, Callable[[], object]], repeats: int, warmup: int
+) -> dict[str, dict]:
     """Run the calls in turn (``warmup`` untimed rounds, then ``repeats`` timed ones).
 
     Returns {name: {"wall": median s, "cpu": median CPU s or None, "walls": [s, ...]}}.
@@ -111,8 +114,11 @@ def interleaved(clock: Clock, calls: dict[str, Callable[[], object]], repeats: i
             if cpu is not None:
                 cpus[name].append(cpu)
     return {
-        name: {"wall": statistics.median(walls[name]), "cpu": statistics.median(cpus[name]) if cpus[name] else None,
-               "walls": walls[name]}
+        name: {
+            "wall": statistics.median(walls[name]),
+            "cpu": statistics.median(cpus[name]) if cpus[name] else None,
+            "walls": walls[name],
+        }
         for name in calls
     }
 
@@ -132,10 +138,15 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
         fn()
     changes = sorted(
-        (event.time_range.start, event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage)
+        (
+            event.time_range.start,
+            event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage,
+        )
         for event in prof.events()
     )
     peak = held = 0
@@ -169,7 +180,9 @@ def set_precision(device: torch.device, precision: str) -> Callable[[], contextl
     return contextlib.nullcontext
 
 
-def build_models(device: torch.device, channels_last: bool, seed: int = 0) -> tuple[RpSalNet, torch.nn.Module]:
+def build_models(
+    device: torch.device, channels_last: bool, seed: int = 0
+) -> tuple[RpSalNet, torch.nn.Module]:
     """The paper's RpSalNet (DenseNet-121 + ResNet-34) and a torchvision DenseNet-121 with 14 outputs."""
     torch.manual_seed(seed)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -227,8 +240,12 @@ def rpsal_pipeline(net, images, autocast) -> Callable[[], torch.Tensor]:
     def run():
         with torch.no_grad(), autocast():
             output = net(images)
-        maps = rpsal_maps(output.saliency_logits.float(), output.proposal_logits.float(),
-                          output.refined_boxes.float(), tuple(images.shape[-2:]))
+        maps = rpsal_maps(
+            output.saliency_logits.float(),
+            output.proposal_logits.float(),
+            output.refined_boxes.float(),
+            tuple(images.shape[-2:]),
+        )
         boxes, _ = extract_boxes(maps["mix"], thresholds, original_sizes)
         return boxes
 
@@ -268,9 +285,9 @@ def _leaf(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().requires_grad_(True)
 
 
-
-
-def rpsal_part_calls(net: RpSalNet, loss, optimizer, images, labels, autocast) -> dict[str, Callable[[], None]]:
+def rpsal_part_calls(
+    net: RpSalNet, loss, optimizer, images, labels, autocast
+) -> dict[str, Callable[[], None]]:
     """Forward + backward of each part of the stage-3 step alone, on the inputs a real step gives it.
 
     Parts: backbone + FPN; saliency heads + LSE pooling; proposal pooling (RoIAlign of class features and
@@ -319,7 +336,9 @@ def rpsal_part_calls(net: RpSalNet, loss, optimizer, images, labels, autocast) -
         "backbone + FPN": part(lambda: [net.fpn(images)]),
         "saliency heads + LSE": part(saliency_heads),
         "proposal pooling": part(lambda: head.pool(class_features, saliency_logits, proposals, size)),
-        "proposal head (gate, conv, boxes)": part(lambda: head.score(pooled, pooled_saliency, proposals, size)),
+        "proposal head (gate, conv, boxes)": part(
+            lambda: head.score(pooled, pooled_saliency, proposals, size)
+        ),
         "Gumbel selection + crop": part(
             lambda: [net.crop(images, select_boxes(net.selector(logits, net.temperature), refined))]
         ),
@@ -340,7 +359,9 @@ def _as_list(value, cast) -> list:
     return [cast(v.strip() if isinstance(v, str) else v) for v in value]
 
 
-def train_section(device, size, batches, precisions, channels_last, repeats, warmup, with_parts) -> list[dict]:
+def train_section(
+    device, size, batches, precisions, channels_last, repeats, warmup, with_parts
+) -> list[dict]:
     """Rows {precision, batch, rpsal/densenet timings and memory, ratio, syncs, parts}."""
     rows = []
     for precision in precisions:
@@ -358,9 +379,13 @@ def train_section(device, size, batches, precisions, channels_last, repeats, war
                 "densenet": densenet_train_step(densenet, densenet_opt, images, labels, autocast),
             }
             times = interleaved(Clock(device), calls, repeats, warmup)
-            row = {"precision": precision, "batch": batch, "times": times,
-                   "memory": {name: peak_memory(fn, device) for name, fn in calls.items()},
-                   "syncs": count_host_syncs(calls["rpsal"], device)}
+            row = {
+                "precision": precision,
+                "batch": batch,
+                "times": times,
+                "memory": {name: peak_memory(fn, device) for name, fn in calls.items()},
+                "syncs": count_host_syncs(calls["rpsal"], device),
+            }
             if with_parts:
                 parts = rpsal_part_calls(rpsal, loss, rpsal_opt, images, labels, autocast)
                 row["parts"] = interleaved(Clock(device), parts, repeats, warmup)
@@ -381,9 +406,15 @@ def infer_section(device, size, batches, precisions, channels_last, repeats, war
         autocast = set_precision(device, precision)
         for batch in batches:
             images, _ = make_inputs(device, batch, size, channels_last)
-            calls = {"rpsal": rpsal_pipeline(rpsal, images, autocast),
-                     "densenet": densenet_forward(densenet, images, autocast)}
-            row = {"precision": precision, "batch": batch, "times": interleaved(Clock(device), calls, repeats, warmup)}
+            calls = {
+                "rpsal": rpsal_pipeline(rpsal, images, autocast),
+                "densenet": densenet_forward(densenet, images, autocast),
+            }
+            row = {
+                "precision": precision,
+                "batch": batch,
+                "times": interleaved(Clock(device), calls, repeats, warmup),
+            }
             rows.append(row)
             _print_infer_row(row, size)
     return rows
@@ -406,18 +437,32 @@ def _mib(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 2**20:.0f}"
 
 
+def _rates(row: dict) -> tuple[float, float]:
+    """Images/s of RpSal and DenseNet in a training row."""
+    t, b = row["times"], row["batch"]
+    return b / t["rpsal"]["wall"], b / t["densenet"]["wall"]
+
+
+def _per_image(row: dict, model: str, clock: str = "wall") -> float:
+    return row["times"][model][clock] / row["batch"]
+
+
 def _print_train_row(row: dict, size: int) -> None:
-    t = row["times"]
-    print(f"[train] {row['precision']} batch {row['batch']} {size}px: RpSal {row['batch'] / t['rpsal']['wall']:.2f} "
-          f"img/s, DenseNet {row['batch'] / t['densenet']['wall']:.2f} img/s, "
-          f"ratio {t['densenet']['wall'] / t['rpsal']['wall']:.3f}", flush=True)
+    rpsal, densenet = _rates(row)
+    print(
+        f"[train] {row['precision']} batch {row['batch']} {size}px: RpSal {rpsal:.2f} img/s, "
+        f"DenseNet {densenet:.2f} img/s, ratio {rpsal / densenet:.3f}",
+        flush=True,
+    )
 
 
 def _print_infer_row(row: dict, size: int) -> None:
-    t = row["times"]
-    print(f"[infer] {row['precision']} batch {row['batch']} {size}px: pipeline {_ms(t['rpsal']['wall'] / row['batch'])}"
-          f" ms/img, DenseNet {_ms(t['densenet']['wall'] / row['batch'])} ms/img, "
-          f"ratio {t['rpsal']['wall'] / t['densenet']['wall']:.2f}", flush=True)
+    rpsal, densenet = _per_image(row, "rpsal"), _per_image(row, "densenet")
+    print(
+        f"[infer] {row['precision']} batch {row['batch']} {size}px: pipeline {_ms(rpsal)} ms/img, "
+        f"DenseNet {_ms(densenet)} ms/img, ratio {rpsal / densenet:.2f}",
+        flush=True,
+    )
 
 
 def device_description(device: torch.device) -> str:
@@ -432,62 +477,124 @@ def device_description(device: torch.device) -> str:
     return f"CPU: {model}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"
 
 
+def _train_table(rows: list[dict], cpu: bool) -> list[str]:
+    cpu_head, cpu_rule = (" RpSal CPU s | DenseNet CPU s |", "---|---|") if cpu else ("", "")
+    lines = [
+        "### Training step (stage 3: all parameters, all losses, AdamW)",
+        "",
+        (
+            "| precision | batch | RpSal img/s | DenseNet-121 img/s | RpSal / DenseNet throughput | RpSal ms/step |"
+            f" DenseNet ms/step |{cpu_head} RpSal peak MiB | DenseNet peak MiB | host syncs in an RpSal step |"
+        ),
+        f"|---|---|---|---|---|---|---|{cpu_rule}---|---|---|",
+    ]
+    for row in rows:
+        t, memory = row["times"], row["memory"]
+        rpsal, densenet = _rates(row)
+        cpu_cols = f" {t['rpsal']['cpu']:.2f} | {t['densenet']['cpu']:.2f} |" if cpu else ""
+        syncs = "n/a (CPU)" if row["syncs"] is None else str(row["syncs"])
+        lines.append(
+            f"| {row['precision']} | {row['batch']} | {rpsal:.2f} | {densenet:.2f} | **{rpsal / densenet:.3f}x** | "
+            f"{_ms(t['rpsal']['wall'])} | {_ms(t['densenet']['wall'])} |{cpu_cols} {_mib(memory['rpsal'])} | "
+            f"{_mib(memory['densenet'])} | {syncs} |"
+        )
+    source = "`torch.profiler`'s memory events" if cpu else "`torch.cuda.max_memory_allocated`"
+    lines += [
+        "",
+        (
+            f"Peak memory: what one step allocates at its peak above what is held before it (activations, "
+            f"gradients, temporaries; weights and optimizer state are held before), from {source}."
+        ),
+        "",
+    ]
+    return lines
+
+
+def _infer_table(rows: list[dict], cpu: bool) -> list[str]:
+    cpu_head = " pipeline CPU ms/image | DenseNet CPU ms/image | ratio of CPU times |" if cpu else ""
+    lines = [
+        "### Inference per image: RpSal pipeline (model + Mix map + 14 boxes) vs DenseNet-121 forward",
+        "",
+        f"| precision | batch | pipeline ms/image | DenseNet-121 ms/image | pipeline / DenseNet |{cpu_head}",
+        "|---|---|---|---|---|" + ("---|---|---|" if cpu else ""),
+    ]
+    for row in rows:
+        rpsal, densenet = _per_image(row, "rpsal"), _per_image(row, "densenet")
+        cpu_cols = ""
+        if cpu:
+            rpsal_cpu, densenet_cpu = _per_image(row, "rpsal", "cpu"), _per_image(row, "densenet", "cpu")
+            cpu_cols = f" {_ms(rpsal_cpu)} | {_ms(densenet_cpu)} | {rpsal_cpu / densenet_cpu:.2f}x |"
+        lines.append(
+            f"| {row['precision']} | {row['batch']} | {_ms(rpsal)} | {_ms(densenet)} | "
+            f"**{rpsal / densenet:.2f}x** |{cpu_cols}"
+        )
+    return lines + [""]
+
+
+def _parts_table(row: dict) -> list[str]:
+    parts = row["parts"]
+    total = sum(p["wall"] for p in parts.values())
+    lines = [
+        (
+            f"### Parts of the RpSal training step ({row['precision']}, batch {row['batch']}): forward + backward of "
+            "each part alone"
+        ),
+        "",
+        "| part | ms | share |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {name} | {_ms(p['wall'])} | {100 * p['wall'] / total:.0f}% |" for name, p in parts.items()]
+    return lines + [
+        f"| sum of the parts | {_ms(total)} | |",
+        f"| whole step (above) | {_ms(row['times']['rpsal']['wall'])} | |",
+        "",
+    ]
+
+
+def _data_table(d: dict) -> list[str]:
+    return [
+        "### Input pipeline (load + resize to the training size)",
+        "",
+        "| source | images/s |",
+        "|---|---|",
+        f"| PNG decoding | {d['png_images_per_s']} |",
+        f"| resized cache (.npy) | {d['cache_images_per_s']} |",
+        f"| cache / PNG | **{d['speedup']}x** |",
+        "",
+        f"{d['images']} images ({d['source']}), {d['workers']} workers, batch {d['batch']}.",
+        "",
+    ]
+
+
 def render(results: dict) -> str:
-    """The generated Markdown block."""
+    """The generated Markdown block: settings, then the table of each section that ran."""
     s = results["settings"]
-    lines = [BEGIN_MARK, "", f"## Results of `{s['command']}`", "",
-             f"- date: {s['date']}", f"- device: {s['device']}",
-             f"- torch {s['torch']}, torchvision {s['torchvision']}, Python {s['python']}",
-             f"- image size {s['image_size']} px, memory format {'channels-last' if s['channels_last'] else 'contiguous'},"
-             f" repeats {s['repeats']} (median) after {s['warmup']} warm-up round(s), the two models alternating",
-             f"- load average (1 min) before / after: {s['load_before']} / {s['load_after']}", ""]
+    layout = "channels-last" if s["channels_last"] else "contiguous"
+    lines = [
+        BEGIN_MARK,
+        "",
+        f"## Results of `{s['command']}`",
+        "",
+        f"- date: {s['date']}",
+        f"- device: {s['device']}",
+        f"- torch {s['torch']}, torchvision {s['torchvision']}, Python {s['python']}",
+        (
+            f"- image size {s['image_size']} px, memory format {layout}, repeats {s['repeats']} (median) after "
+            f"{s['warmup']} warm-up round(s), the two models alternating"
+        ),
+        f"- load average (1, 5, 15 min) before / after: {s['load_before']} / {s['load_after']}",
+        "",
+    ]
     cpu = s["device_type"] == "cpu"
     if results.get("train"):
-        lines += ["### Training step (stage 3: all parameters, all losses, AdamW)", "",
-                  "| precision | batch | RpSal img/s | DenseNet-121 img/s | RpSal / DenseNet throughput |"
-                  " RpSal ms/step | DenseNet ms/step |" + (" RpSal CPU s | DenseNet CPU s |" if cpu else "")
-                  + " RpSal peak MiB | DenseNet peak MiB | host syncs in an RpSal step |",
-                  "|---|---|---|---|---|---|---|" + ("---|---|" if cpu else "") + "---|---|---|"]
-        for row in results["train"]:
-            t, m, b = row["times"], row["memory"], row["batch"]
-            cpu_cols = f" {t['rpsal']['cpu']:.2f} | {t['densenet']['cpu']:.2f} |" if cpu else ""
-            syncs = "n/a (CPU)" if row["syncs"] is None else str(row["syncs"])
-            lines.append(
-                f"| {row['precision']} | {b} | {b / t['rpsal']['wall']:.2f} | {b / t['densenet']['wall']:.2f} | "
-                f"**{t['densenet']['wall'] / t['rpsal']['wall']:.3f}x** | {_ms(t['rpsal']['wall'])} | "
-                f"{_ms(t['densenet']['wall'])} |{cpu_cols} {_mib(m['rpsal'])} | {_mib(m['densenet'])} | {syncs} |")
-        lines += ["", "Peak memory: what one step allocates at its peak above the memory held before it (activations,"
-                  " gradients, optimizer temporaries; the weights and optimizer state are held before) from "
-                  + ("`torch.cuda.max_memory_allocated`." if not cpu else "`torch.profiler`'s memory events."), ""]
+        lines += _train_table(results["train"], cpu)
     if results.get("infer"):
-        lines += ["### Inference per image: RpSal pipeline (model + Mix map + 14 boxes) vs DenseNet-121 forward", "",
-                  "| precision | batch | pipeline ms/image | DenseNet-121 ms/image | pipeline / DenseNet |"
-                  + (" pipeline CPU ms/image | DenseNet CPU ms/image | ratio of CPU times |" if cpu else ""),
-                  "|---|---|---|---|---|" + ("---|---|---|" if cpu else "")]
-        for row in results["infer"]:
-            t, b = row["times"], row["batch"]
-            cpu_cols = (f" {_ms(t['rpsal']['cpu'] / b)} | {_ms(t['densenet']['cpu'] / b)} | "
-                        f"{t['rpsal']['cpu'] / t['densenet']['cpu']:.2f}x |") if cpu else ""
-            lines.append(f"| {row['precision']} | {b} | {_ms(t['rpsal']['wall'] / b)} | {_ms(t['densenet']['wall'] / b)}"
-                         f" | **{t['rpsal']['wall'] / t['densenet']['wall']:.2f}x** |{cpu_cols}")
-        lines.append("")
+        lines += _infer_table(results["infer"], cpu)
     for row in results.get("train", []):
-        if "parts" not in row:
-            continue
-        parts = row["parts"]
-        total = sum(p["wall"] for p in parts.values())
-        step = row["times"]["rpsal"]["wall"]
-        lines += [f"### Parts of the RpSal training step ({row['precision']}, batch {row['batch']}): forward + backward"
-                  " of each part alone", "", "| part | ms | share |", "|---|---|---|"]
-        lines += [f"| {name} | {_ms(p['wall'])} | {100 * p['wall'] / total:.0f}% |" for name, p in parts.items()]
-        lines += [f"| sum of the parts | {_ms(total)} | |", f"| whole step (above) | {_ms(step)} | |", ""]
+        if "parts" in row:
+            lines += _parts_table(row)
     if results.get("data"):
-        d = results["data"]
-        lines += ["### Input pipeline (load + resize to the training size)", "",
-                  "| source | images/s |", "|---|---|",
-                  f"| PNG decoding | {d['png_images_per_s']} |", f"| resized cache (.npy) | {d['cache_images_per_s']} |",
-                  f"| cache / PNG | **{d['speedup']}x** |", "",
-                  f"{d['images']} images ({d['source']}), {d['workers']} workers, batch {d['batch']}.", ""]
+        lines += _data_table(results["data"])
     lines.append(END_MARK)
     return "\n".join(lines)
 
@@ -558,18 +665,36 @@ def benchmark(
     settings = {
         "command": "python scripts/benchmark.py " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "device": device_description(dev), "device_type": dev.type, "torch": torch.__version__,
-        "torchvision": torchvision.__version__, "python": platform.python_version(), "image_size": image_size,
-        "channels_last": channels_last, "repeats": repeats, "warmup": warmup,
+        "device": device_description(dev),
+        "device_type": dev.type,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+        "image_size": image_size,
+        "channels_last": channels_last,
+        "repeats": repeats,
+        "warmup": warmup,
         "load_before": " ".join(f"{v:.2f}" for v in os.getloadavg()),
     }
-    print(f"{settings['device']}; torch {settings['torch']}; load average {settings['load_before']}", flush=True)
+    print(
+        f"{settings['device']}; torch {settings['torch']}; load average {settings['load_before']}", flush=True
+    )
     results: dict = {"settings": settings}
     if "train" in sections or "parts" in sections:
-        results["train"] = train_section(dev, image_size, train_batches, precisions, channels_last, repeats, warmup,
-                                         with_parts="parts" in sections)
+        results["train"] = train_section(
+            dev,
+            image_size,
+            train_batches,
+            precisions,
+            channels_last,
+            repeats,
+            warmup,
+            with_parts="parts" in sections,
+        )
     if "infer" in sections:
-        results["infer"] = infer_section(dev, image_size, infer_batches, precisions, channels_last, repeats, warmup)
+        results["infer"] = infer_section(
+            dev, image_size, infer_batches, precisions, channels_last, repeats, warmup
+        )
     if "data" in sections:
         results["data"] = data_section(data_dir, image_size, data_workers, data_batch, data_repeat)
         results["data"]["source"] = os.path.relpath(data_dir, REPO_ROOT)

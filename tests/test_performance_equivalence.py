@@ -35,8 +35,14 @@ from custom.networks.proposal_head import FixedProposalPooler, ProposalHead, Pro
 from custom.networks.proposals import make_proposals
 from custom.networks.rpsal import RpSalNet
 
-TINY = dict(backbone="densenet_small", crop_backbone="resnet10", fpn_channels=32, class_channels=16,
-            head_channels=8, crop_size=16)
+TINY = {
+    "backbone": "densenet_small",
+    "crop_backbone": "resnet10",
+    "fpn_channels": 32,
+    "class_channels": 16,
+    "head_channels": 8,
+    "crop_size": 16,
+}
 
 
 def random_boxes(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -46,15 +52,19 @@ def random_boxes(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
     return torch.cat([low, high], dim=1)
 
 
-# ---- proposal pooling ----------------------------------------------------------------------------------------
+# ---- proposal pooling --------------------------------------------------------------------------------------
 
 
 def reference_roi_align(features: torch.Tensor, boxes: torch.Tensor, image_size: int) -> torch.Tensor:
-    """torchvision roi_align (5x5, sampling ratio 2, aligned) of the same boxes on every image: (B, N, F, 5, 5)."""
+    """torchvision roi_align (5x5, sampling ratio 2, aligned) of the same boxes on every image.
+
+    features (B, F, h, w), boxes (N, 4) xyxy pixels of an image_size-px square -> (B, N, F, 5, 5).
+    """
     b, n = features.shape[0], boxes.shape[0]
     rois = torch.cat([torch.arange(b).repeat_interleave(n)[:, None].float(), boxes.repeat(b, 1)], dim=1)
-    pooled = roi_align(features, rois, 5, spatial_scale=features.shape[-1] / image_size, sampling_ratio=2,
-                       aligned=True)
+    pooled = roi_align(
+        features, rois, 5, spatial_scale=features.shape[-1] / image_size, sampling_ratio=2, aligned=True
+    )
     return pooled.view(b, n, *pooled.shape[1:])
 
 
@@ -99,11 +109,12 @@ def test_pooling_matrix_is_cached_without_comparing_values(monkeypatch):
     assert torch.allclose(moved, reference_roi_align(features, boxes, 64), atol=1e-5, rtol=0)
 
 
-# ---- saliency head -------------------------------------------------------------------------------------------
+# ---- saliency head -----------------------------------------------------------------------------------------
 
 
 def straightforward_saliency_head(head: SaliencyHead, pyramid: torch.Tensor):
-    """The authors' head as written: the pyramid repeated K times, BN, act, grouped conv, BN, act, grouped conv."""
+    """The authors' head as written: the pyramid repeated K times, BN, act, grouped conv, then BN, act and
+    grouped conv again; returns class features (B, K, C, h, w) and saliency logits (B, K, h, w)."""
     k, c = head.num_classes, head.class_channels
     act = head.activation
     class_features = head.class_conv(act(head.input_norm(pyramid.repeat(1, k, 1, 1))))
@@ -172,13 +183,19 @@ def test_per_class_affine_linear_gradients(shared, with_centre):
 def test_per_class_affine_linear_does_not_depend_on_the_tiling():
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(50, 1, 8, generator=generator)
-    args = (torch.randn(1, 8, generator=generator), torch.rand(5, 8, generator=generator) + 0.5,
-            torch.randn(5, 8, generator=generator), torch.randn(5, 3, 8, generator=generator),
-            torch.randn(5, 3, generator=generator))
+    args = (
+        torch.randn(1, 8, generator=generator),
+        torch.rand(5, 8, generator=generator) + 0.5,
+        torch.randn(5, 8, generator=generator),
+        torch.randn(5, 3, 8, generator=generator),
+        torch.randn(5, 3, generator=generator),
+    )
     whole = per_class_affine_linear(x, *args, 0.1, tile_pixels=50)
     for tile in (1, 7, None):
         # Different tile sizes run different GEMM kernels: equal to float32 rounding.
-        assert torch.allclose(per_class_affine_linear(x, *args, 0.1, tile_pixels=tile), whole, atol=1e-5, rtol=0)
+        assert torch.allclose(
+            per_class_affine_linear(x, *args, 0.1, tile_pixels=tile), whole, atol=1e-5, rtol=0
+        )
     # The plain formula, written out.
     centre, scale, shift, weight, bias = args
     expected = torch.einsum("kcq,pkq->pkc", weight, F.leaky_relu(scale * (x - centre) + shift, 0.1)) + bias
@@ -200,7 +217,7 @@ def test_per_class_affine_linear_under_bf16_autocast():
     assert torch.isfinite(x.grad).all() and torch.isfinite(weight.grad).all()
 
 
-# ---- proposal head -------------------------------------------------------------------------------------------
+# ---- proposal head -----------------------------------------------------------------------------------------
 
 
 def straightforward_score(head: ProposalHead, features, saliency, proposals, image_size):
@@ -238,16 +255,21 @@ def test_proposal_head_equals_the_straightforward_version():
     upstream = [torch.randn(t.shape, generator=generator) for t in want]
     torch.autograd.backward(got, upstream)
     torch.autograd.backward(want, upstream)
-    for a, b in zip(leaves + list(fast_head.parameters()), reference_leaves + list(reference_head.parameters())):
+    for a, b in zip(
+        leaves + list(fast_head.parameters()), reference_leaves + list(reference_head.parameters())
+    ):
         assert torch.allclose(a.grad, b.grad, atol=1e-4, rtol=1e-5)  # gradients reach the hundreds
 
 
-# ---- crop ----------------------------------------------------------------------------------------------------
+# ---- crop --------------------------------------------------------------------------------------------------
 
 
 def bilinear_crop(image: torch.Tensor, box: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Crop of one (C, H, W) image at one xyxy box: crop pixel (i, j) samples the image at the point
-    (x0 + (x1 - x0)(j + 0.5)/cw, y0 + (y1 - y0)(i + 0.5)/ch), bilinearly between pixel centres, zero outside."""
+    """Crop (C, ch, cw) of one (C, H, W) image at one xyxy box (pixels of that image).
+
+    Crop pixel (i, j) samples the image at the point (x0 + (x1 - x0)(j + 0.5)/cw, y0 + (y1 - y0)(i + 0.5)/ch),
+    bilinearly between pixel centres (pixel m's centre at m + 0.5), zero outside the image.
+    """
     channels, height, width = image.shape
     ch, cw = size
     x = box[0] + (box[2] - box[0]) * (torch.arange(cw) + 0.5) / cw - 0.5  # in pixel-index units
@@ -282,14 +304,17 @@ def test_batched_crop_equals_per_box_crops():
     upstream = torch.randn(crops.shape, generator=generator)
     (BoxCrop((6, 5))(fast_images, fast_boxes) * upstream).sum().backward()
     single = BoxCrop((6, 5))
-    total = sum((single(loop_images[b : b + 1], loop_boxes[b : b + 1, k : k + 1])[0, 0] * upstream[b, k]).sum()
-                for b in range(2) for k in range(4))
+    total = sum(
+        (single(loop_images[b : b + 1], loop_boxes[b : b + 1, k : k + 1])[0, 0] * upstream[b, k]).sum()
+        for b in range(2)
+        for k in range(4)
+    )
     total.backward()
     assert torch.allclose(fast_boxes.grad, loop_boxes.grad, atol=1e-4, rtol=0)
     assert torch.allclose(fast_images.grad, loop_images.grad, atol=1e-5, rtol=0)
 
 
-# ---- Det map -------------------------------------------------------------------------------------------------
+# ---- Det map -----------------------------------------------------------------------------------------------
 
 
 def painted_det_map(logits, boxes, input_size, grid_size, weighting, normalize):
@@ -318,7 +343,7 @@ def test_det_map_painting_equals_painting_every_box(weighting, normalize):
     assert torch.allclose(fast, expected, atol=1e-12, rtol=0)
 
 
-# ---- whole network -------------------------------------------------------------------------------------------
+# ---- whole network -----------------------------------------------------------------------------------------
 
 
 def test_network_with_the_fast_pooler_equals_torchvision_roi_align():

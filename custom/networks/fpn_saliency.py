@@ -113,7 +113,7 @@ def fold_running_statistics(
 
 
 def shared_batch_norm(norm: nn.BatchNorm2d, x: torch.Tensor, copies: int) -> torch.Tensor:
-    """Batch-normalise x (B, Q, h, w) as ``norm`` (over ``copies`` * Q channels) would its ``copies``-fold repeat.
+    """Batch-normalise x (B, Q, h, w) as ``norm`` (``copies`` * Q channels) would its ``copies``-fold repeat.
 
     Every copy of a channel has that channel's batch statistics, so one normalisation serves all copies:
     returns (x - mean) / sqrt(var + eps) (B, Q, h, w), without the norm's affine parameters (per copy, applied
@@ -212,12 +212,14 @@ class SaliencyHead(nn.Module):
         if type(norm) is not nn.BatchNorm2d or uses_batch_statistics(norm):
             # Batch statistics (training): BatchNorm's own kernels, then the per-class dot product.
             normalised = norm(class_features).permute(0, 2, 3, 1).reshape(b * h * w, k, c)
-            centre, scale, shift = None, torch.ones(k, c, device=rows.device), torch.zeros(k, c, device=rows.device)
+            centre = None
+            scale, shift = torch.ones(k, c, device=rows.device), torch.zeros(k, c, device=rows.device)
         else:
             normalised = rows
             centre, scale, shift = fold_running_statistics(norm, groups=k)
         saliency = per_class_affine_linear(
-            normalised, centre, scale, shift, conv.weight.view(k, 1, c), conv.bias.view(k, 1), slope, self.tile_pixels
+            normalised, centre, scale, shift, conv.weight.view(k, 1, c), conv.bias.view(k, 1), slope,
+            self.tile_pixels,
         )  # (B*h*w, K, 1)
         saliency_logits = saliency.view(b, h, w, k).permute(0, 3, 1, 2).contiguous()
         # (B, h, w, K, C) storage seen as (B, K, C, h, w).

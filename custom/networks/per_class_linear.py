@@ -32,8 +32,18 @@ def default_tile_pixels(device: torch.device, num_classes: int, in_channels: int
     return max(1, elements // (num_classes * in_channels))
 
 
+def _centred_tile(x: torch.Tensor, centre: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
+    """x[start:stop] - centre, class-major: (1 or K, tile, Q)."""
+    tile = x[start:stop].transpose(0, 1)
+    return tile if centre is None else tile - centre[:, None, :]
+
+
 class _PerClassAffineLinear(torch.autograd.Function):
-    """Autograd function behind :func:`per_class_affine_linear` (arguments as there, already cast)."""
+    """Autograd function behind :func:`per_class_affine_linear` (arguments as there, already cast).
+
+    Tiles are worked on class-major, (K, tile, .): each step is one kernel (one batched GEMM for all classes),
+    so a tile costs a handful of kernel launches and thread synchronisations whatever K.
+    """
 
     @staticmethod
     def forward(ctx, x, centre, scale, shift, weight, bias, negative_slope: float, tile: int):
@@ -41,15 +51,13 @@ class _PerClassAffineLinear(torch.autograd.Function):
         k, c, _ = weight.shape
         out = torch.empty(pixels, k, c, device=x.device, dtype=weight.dtype)
         weight_t = weight.transpose(1, 2)  # (K, Q, C)
+        scale3, shift3 = scale[:, None, :], shift[:, None, :]
         for start in range(0, pixels, tile):
             stop = min(start + tile, pixels)
-            x_tile = x[start:stop] if centre is None else x[start:stop] - centre
-            act = F.leaky_relu_(torch.addcmul(shift, x_tile, scale), negative_slope).to(weight.dtype)
-            # (K, tile, Q) @ (K, Q, C), written straight into the (tile, K, C) rows of the output (one GEMM
-            # per class with a row stride); the bias is added while the tile is in the cache.
-            rows = out[start:stop]
-            torch.bmm(act.transpose(0, 1), weight_t, out=rows.transpose(0, 1))
-            rows.add_(bias)
+            pre = torch.addcmul(shift3, _centred_tile(x, centre, start, stop), scale3)  # (K, tile, Q)
+            act = F.leaky_relu_(pre, negative_slope).to(weight.dtype)
+            # (K, tile, Q) @ (K, Q, C), plus the bias, into the (tile, K, C) rows of the output.
+            torch.add(torch.bmm(act, weight_t).transpose(0, 1), bias, out=out[start:stop])
         ctx.save_for_backward(x, centre, scale, shift, weight)
         ctx.negative_slope = negative_slope
         ctx.tile = tile
@@ -59,54 +67,64 @@ class _PerClassAffineLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, centre, scale, shift, weight = ctx.saved_tensors
         need_x, need_centre, need_scale, need_shift, need_weight, need_bias = ctx.needs_input_grad[:6]
-        pixels, k, q = x.shape[0], weight.shape[0], weight.shape[2]
+        pixels = x.shape[0]
         grad_out = grad_out.to(weight.dtype)
         # Parameter gradients accumulate over tiles in float32 at least, whatever the compute dtype.
         acc = torch.promote_types(weight.dtype, torch.float32)
 
         def zeros(like: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
-            return torch.zeros(like.shape, device=x.device, dtype=acc) if needed and like is not None else None
+            return (
+                torch.zeros(like.shape, device=x.device, dtype=acc) if needed and like is not None else None
+            )
 
         grad_x = torch.empty_like(x) if need_x else None
         grad_centre, grad_scale = zeros(centre, need_centre), zeros(scale, need_scale)
         grad_shift, grad_weight = zeros(shift, need_shift), zeros(weight, need_weight)
         grad_bias = grad_out.sum(dim=0, dtype=acc) if need_bias else None
         need_pre_grad = need_x or need_centre or need_scale or need_shift
+        scale3, shift3 = scale[:, None, :], shift[:, None, :]
         for start in range(0, pixels, ctx.tile):
             stop = min(start + ctx.tile, pixels)
-            centred = x[start:stop] if centre is None else x[start:stop] - centre  # (tile, K or 1, Q)
-            pre = torch.addcmul(shift, centred, scale)  # (tile, K, Q), recomputed instead of stored
+            centred = _centred_tile(x, centre, start, stop)  # (K or 1, tile, Q)
+            pre = torch.addcmul(shift3, centred, scale3)  # (K, tile, Q), recomputed instead of stored
             grad_tile = grad_out[start:stop].transpose(0, 1)  # (K, tile, C)
             if need_weight:
-                act = F.leaky_relu(pre, ctx.negative_slope).to(weight.dtype).transpose(0, 1)
+                act = F.leaky_relu(pre, ctx.negative_slope).to(weight.dtype)
                 if grad_weight.dtype == weight.dtype:
                     grad_weight.baddbmm_(grad_tile.transpose(1, 2), act)
                 else:  # a low-precision product, accumulated in float32
                     grad_weight += torch.bmm(grad_tile.transpose(1, 2), act)
             if not need_pre_grad:
                 continue
-            grad_act = torch.empty(stop - start, k, q, device=x.device, dtype=weight.dtype)
-            torch.bmm(grad_tile, weight, out=grad_act.transpose(0, 1))  # (tile, K, Q), contiguous like pre
+            grad_act = torch.bmm(grad_tile, weight).to(pre.dtype)  # (K, tile, Q)
             # leaky_relu's own backward kernel: grad where pre > 0, grad * slope elsewhere.
-            grad_pre = torch.ops.aten.leaky_relu_backward(grad_act.to(pre.dtype), pre, ctx.negative_slope, False)
+            grad_pre = torch.ops.aten.leaky_relu_backward(grad_act, pre, ctx.negative_slope, False)
             if need_x or need_centre:
-                grad_centred = grad_pre * scale
+                grad_centred = grad_pre * scale3
                 if x.shape[1] == 1:  # x shared by the classes: its gradient sums theirs
-                    grad_centred = grad_centred.sum(dim=1, keepdim=True)
+                    grad_centred = grad_centred.sum(dim=0, keepdim=True)
                 if need_x:
-                    grad_x[start:stop] = grad_centred
+                    grad_x[start:stop] = grad_centred.transpose(0, 1)
                 if need_centre:
-                    grad_centre -= grad_centred.sum(dim=0)
+                    grad_centre -= grad_centred.sum(dim=1)
             if need_scale:
-                grad_scale += (grad_pre * centred).sum(dim=0)
+                grad_scale += (grad_pre * centred).sum(dim=1)
             if need_shift:
-                grad_shift += grad_pre.sum(dim=0)
+                grad_shift += grad_pre.sum(dim=1)
 
         def cast(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
             return None if grad is None else grad.to(like.dtype)
 
-        return (grad_x, cast(grad_centre, centre), cast(grad_scale, scale), cast(grad_shift, shift),
-                cast(grad_weight, weight), cast(grad_bias, weight), None, None)
+        return (
+            grad_x,
+            cast(grad_centre, centre),
+            cast(grad_scale, scale),
+            cast(grad_shift, shift),
+            cast(grad_weight, weight),
+            cast(grad_bias, weight),
+            None,
+            None,
+        )
 
 
 def per_class_affine_linear(
@@ -138,8 +156,10 @@ def per_class_affine_linear(
     if x.ndim != 3 or x.shape[1] not in (1, k) or x.shape[2] != q:
         raise ValueError(f"x must be (P, 1, Q) or (P, K, Q) with K={k}, Q={q}; got {tuple(x.shape)}")
     if scale.shape != (k, q) or shift.shape != (k, q) or bias.shape != (k, c):
-        raise ValueError(f"expected scale and shift ({k}, {q}), bias ({k}, {c}); got {tuple(scale.shape)}, "
-                         f"{tuple(shift.shape)}, {tuple(bias.shape)}")
+        raise ValueError(
+            f"expected scale and shift ({k}, {q}), bias ({k}, {c}); got {tuple(scale.shape)}, "
+            f"{tuple(shift.shape)}, {tuple(bias.shape)}"
+        )
     if centre is not None and centre.shape != x.shape[1:]:
         raise ValueError(f"centre must be {tuple(x.shape[1:])}, got {tuple(centre.shape)}")
     device_type = x.device.type
@@ -149,8 +169,19 @@ def per_class_affine_linear(
     tile = tile_pixels or default_tile_pixels(x.device, k, q)
     # The casts stay outside the Function, so autograd carries the gradients back through them.
     affine_dtype = torch.promote_types(torch.promote_types(torch.float32, scale.dtype), x.dtype)
+    if torch.jit.is_tracing():  # TorchScript cannot hold a Python autograd.Function: the same maths, plainly
+        centred = x.to(affine_dtype) if centre is None else x.to(affine_dtype) - centre.to(affine_dtype)
+        act = F.leaky_relu(scale.to(affine_dtype) * centred + shift.to(affine_dtype), negative_slope)
+        out = torch.einsum("pkq,kcq->pkc", act.to(compute_dtype), weight.to(compute_dtype))
+        return (out + bias.to(compute_dtype)).contiguous()
     with torch.autocast(device_type, enabled=False):
         return _PerClassAffineLinear.apply(
-            x, None if centre is None else centre.to(affine_dtype), scale.to(affine_dtype), shift.to(affine_dtype),
-            weight.to(compute_dtype), bias.to(compute_dtype), float(negative_slope), int(tile),
+            x,
+            None if centre is None else centre.to(affine_dtype),
+            scale.to(affine_dtype),
+            shift.to(affine_dtype),
+            weight.to(compute_dtype),
+            bias.to(compute_dtype),
+            float(negative_slope),
+            int(tile),
         )

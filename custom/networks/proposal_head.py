@@ -125,9 +125,11 @@ class _RowPooling(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows, matrix: "_PoolingMatrix"):
+    def forward(ctx, rows, matrix: _PoolingMatrix):
         ctx.matrix = matrix
-        return F.embedding_bag(matrix.columns, rows, matrix.offsets, mode="sum", per_sample_weights=matrix.values)
+        return F.embedding_bag(
+            matrix.columns, rows, matrix.offsets, mode="sum", per_sample_weights=matrix.values
+        )
 
     @staticmethod
     def backward(ctx, grad):
@@ -135,14 +137,18 @@ class _RowPooling(torch.autograd.Function):
             return None, None
         matrix = ctx.matrix
         grad_rows = F.embedding_bag(
-            matrix.t_columns, grad.contiguous(), matrix.t_offsets, mode="sum", per_sample_weights=matrix.t_values
+            matrix.t_columns, grad.contiguous(), matrix.t_offsets, mode="sum",
+            per_sample_weights=matrix.t_values,
         )
         return grad_rows, None
 
 
 class _PoolingMatrix(NamedTuple):
-    """A (R, P) sparse matrix and its transpose as CSR triplets: row r sums ``values[o[r]:o[r+1]]`` times
-    the input rows ``columns[o[r]:o[r+1]]`` (``offsets`` = o without its last entry, as embedding_bag takes)."""
+    """A (R, P) sparse matrix and its transpose as CSR triplets.
+
+    Row r sums ``values[o[r]:o[r+1]]`` times the input rows ``columns[o[r]:o[r+1]]``; ``offsets`` is o without
+    its last entry, as embedding_bag takes it.
+    """
 
     columns: torch.Tensor
     offsets: torch.Tensor
@@ -153,7 +159,8 @@ class _PoolingMatrix(NamedTuple):
 
 
 def _csr_triplets(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return matrix.crow_indices()[:-1].contiguous(), matrix.col_indices().contiguous(), matrix.values().contiguous()
+    offsets = matrix.crow_indices()[:-1].contiguous()
+    return offsets, matrix.col_indices().contiguous(), matrix.values().contiguous()
 
 
 def batch_pooling_matrix(matrix: torch.Tensor, batch: int) -> _PoolingMatrix:
@@ -219,13 +226,20 @@ class FixedProposalPooler(nn.Module):
         self._cache[key] = (proposals, proposals._version, proposals.detach().clone(), pooling)
         return pooling
 
-    def forward(self, features: torch.Tensor, proposals: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    def forward(
+        self, features: torch.Tensor, proposals: torch.Tensor, image_size: tuple[int, int]
+    ) -> torch.Tensor:
         b, f, h, w = features.shape
         n, s = proposals.shape[0], self.output_size
         matrix = self.matrix(proposals, (h, w), image_size, b)
         # Pixel rows (B*h*w, F), in float32 (also under autocast, for the accumulation).
         rows = features.float().permute(0, 2, 3, 1).reshape(b * h * w, f)
-        pooled = _RowPooling.apply(rows, matrix)  # (B*N*s*s, F)
+        if torch.jit.is_tracing():  # no Python autograd.Function in TorchScript; the forward is the same
+            pooled = F.embedding_bag(
+                matrix.columns, rows, matrix.offsets, mode="sum", per_sample_weights=matrix.values
+            )
+        else:
+            pooled = _RowPooling.apply(rows, matrix)  # (B*N*s*s, F)
         return pooled.view(b, n, s, s, f).permute(0, 1, 4, 2, 3)
 
 
@@ -286,12 +300,13 @@ class ProposalHead(nn.Module):
         proposals: torch.Tensor,
         image_size: tuple[int, int],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The proposals' pooled class features (B*N, K, C, s, s) and pooled sigmoid saliency (B*N, K, 1, s, s),
-        float32, rows ordered image-major (row b*N + n)."""
+        """Pooled class features (B*N, K, C, s, s) and pooled sigmoid saliency (B*N, K, 1, s, s) of the
+        proposals, float32, rows ordered image-major (row b*N + n)."""
         b, k, c, h, w = class_features.shape
         n = proposals.shape[0]
-        pooled = self.pooler(class_features.reshape(b, k * c, h, w), proposals, image_size)  # (B, N, K*C, s, s)
-        pooled_saliency = self.pooler(torch.sigmoid(saliency_logits), proposals, image_size)  # (B, N, K, s, s)
+        # (B, N, K*C, s, s) and (B, N, K, s, s).
+        pooled = self.pooler(class_features.reshape(b, k * c, h, w), proposals, image_size)
+        pooled_saliency = self.pooler(torch.sigmoid(saliency_logits), proposals, image_size)
         s = pooled.shape[-1]
         return pooled.reshape(b * n, k, c, s, s), pooled_saliency.reshape(b * n, k, 1, s, s)
 
