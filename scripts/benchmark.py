@@ -663,7 +663,7 @@ def benchmark(
             raise ValueError(f"precision must be among {PRECISIONS}, got {p!r}")
     repeats = int(repeats) if repeats else (20 if on_gpu else 5)
     settings = {
-        "command": "python scripts/benchmark.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python scripts/benchmark.py", *sys.argv[1:]]),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "device": device_description(dev),
         "device_type": dev.type,
