@@ -21,6 +21,7 @@ from custom.inference.boxes import extract_boxes
 from custom.inference.calibration_file import Calibration, load_calibration, save_calibration
 from custom.inference.inputs import assign_output_names, resolve_inputs, safe_stem
 from custom.inference.pipeline import box_scores, predict, predict_findings
+from custom.inference.runner import InferenceRunner
 from custom.inference.writers import output_path, write_nifti_maps
 from custom.labels import CLASS_NAMES
 from custom.networks.rpsal import RpSalProbabilities
@@ -155,6 +156,8 @@ def test_calibration_round_trip_defaults_and_errors(tmp_path, caplog):
     (tmp_path / "range.json").write_text(json.dumps(content))
     with pytest.raises(ValueError, match="range.json.*\\[0, 1\\]"):
         load_calibration(tmp_path / "range.json")
+    with pytest.raises(ValueError, match="normalize must be true or false"):
+        Calibration(normalize="false")  # a command-line string would be truthy
     (tmp_path / "old.json").write_text(json.dumps({"format_version": 0}))
     with pytest.raises(ValueError, match="old.json.*format_version"):
         load_calibration(tmp_path / "old.json")
@@ -383,3 +386,5 @@ def test_datalist_inference_keeps_outputs_inside_the_folder(tiny_trained_model, 
     assert first["model"]["calibration_file"] is None and first["decision_thresholds"]["Mass"] == 0.5
     with pytest.raises(RuntimeError, match="1 of 3 input"):
         runner.finalize()
+    with pytest.raises(ValueError, match="overlays must be true or false"):
+        InferenceRunner(runner.network, [], tmp_path, runner.calibration, "cpu", overlays="false")

@@ -81,6 +81,8 @@ class Calibration:
             raise ValueError(f"{where}: component must be one of {COMPONENT_MODES}, got {self.component!r}")
         if self.connectivity not in (4, 8):
             raise ValueError(f"{where}: connectivity must be 4 or 8, got {self.connectivity!r}")
+        if not isinstance(self.normalize, bool):  # the string "false" from a command line would be truthy
+            raise ValueError(f"{where}: normalize must be true or false, got {self.normalize!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"{where}: weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         for group, name_set in (("box_thresholds", MAP_NAMES), ("decision_thresholds", LOGITS)):
@@ -242,7 +244,8 @@ def fold_mean_thresholds(by_fold: Sequence[Mapping[str, float]]) -> dict[str, fl
     for name in sorted(names):
         values = [float(fold[name]) for fold in by_fold]
         if all(math.isfinite(v) for v in values):
-            mean[name] = float(np.mean(values))
+            # Rounded: the mean of 0.85 and 0.95 reads 0.9, not 0.8999999999999999.
+            mean[name] = round(float(np.mean(values)), 12)
     return mean
 
 

@@ -193,6 +193,8 @@ def collect_outputs(
     Returns:
         ``EvaluationOutputs``.
     """
+    if not isinstance(normalize, bool):  # "false" from a command line is a truthy string: refuse it
+        raise ValueError(f"normalize must be true or false (a boolean), got {normalize!r}")
     device = torch.device(device) if device is not None else next(network.parameters()).device
     network.eval()
     box_labels = sorted({int(k) for item in test_items for k in item.get("box_labels", [])})

@@ -242,7 +242,9 @@ def findings_json(prediction: Prediction, index: int, class_names=None) -> dict:
         )
     return {
         "probabilities": {name: round(float(p), 6) for name, p in zip(names, probabilities)},
-        "decision_thresholds": {name: float(t) for name, t in zip(names, prediction.decision_thresholds)},
+        "decision_thresholds": {
+            name: round(float(t), 6) for name, t in zip(names, prediction.decision_thresholds)
+        },
         "positive": [name for name, flag in zip(names, positive) if flag],
         "findings": findings,
         "positive_without_box": without_box,

@@ -97,7 +97,8 @@ class InferenceRunner:
         inferer: optional MONAI inferer (called as ``inferer(images, network.outputs, with_detection=True)``).
         map_name: the map the boxes come from ("mix", the paper's best).
         logits: "image" or "combined"; None: the network's ``logits`` attribute.
-        overlays: write the overlay picture of each image; overlay_size: its longest side per panel (px).
+        overlays: write the overlay picture of each image; overlay_size: its longest side per panel (px);
+            max_panels: at most this many findings drawn (the most probable first).
         nifti_maps: maps to save as NIfTI (any of "sal", "det", "mix").
         model_info: extra entries of the JSON's "model" (e.g. the bundle version).
         checkpoint: the weights file, recorded (with its SHA-256 prefix) in the JSON's "model".
@@ -118,6 +119,7 @@ class InferenceRunner:
         logits: str | None = None,
         overlays: bool = True,
         overlay_size: int = 512,
+        max_panels: int = 4,
         nifti_maps: Sequence[str] = (),
         model_info: dict | None = None,
         checkpoint: str | None = None,
@@ -126,6 +128,12 @@ class InferenceRunner:
         image_key: str = "image",
         pred_key: str = "pred",
     ):
+        flags = {"overlays": overlays, "amp": amp}
+        for name, value in flags.items():
+            if not isinstance(value, bool):  # "false" from a command line is a truthy string: refuse it
+                raise ValueError(f"{name} must be true or false (a boolean), got {value!r}")
+        if isinstance(nifti_maps, str):
+            raise ValueError(f"nifti_maps must be a list of map names, got the string {nifti_maps!r}")
         unknown = set(nifti_maps) - set(MAP_NAMES)
         if map_name not in MAP_NAMES or unknown:
             raise ValueError(
@@ -141,6 +149,7 @@ class InferenceRunner:
         self.logits = logits or getattr(network, "logits", "image")
         self.overlays = overlays
         self.overlay_size = int(overlay_size)
+        self.max_panels = int(max_panels)
         self.nifti_maps = tuple(nifti_maps)
         self.checkpoint = checkpoint
         self.extra_model_info = dict(model_info or {})
@@ -257,7 +266,9 @@ class InferenceRunner:
         maps = {i: class_maps[column[f["class"]]] for i, f in enumerate(result["findings"])}
         top = int(np.argmax(prediction.probabilities[index].numpy()))
         fallback = (self.class_names[top], float(prediction.probabilities[index, top]), class_maps[top])
-        picture = findings_overlay(grey, result["original_size"], result["findings"], maps, fallback)
+        picture = findings_overlay(
+            grey, result["original_size"], result["findings"], maps, fallback, self.max_panels
+        )
         path = output_path(self.output_dir / "overlays", name, ".png")
         path.parent.mkdir(parents=True, exist_ok=True)
         temp = path.with_name(f".{path.name}.tmp.png")
