@@ -13,6 +13,11 @@ Writes, in ``O``:
   PNG's [H, W], so boxes keep mapping to original pixels.
 - ``errors.txt``: one line per image left out, ``<image name>\\t<reason>`` (empty when none).
 
+Images are NIH's PNGs; a DICOM radiograph listed in the tables (single-frame CR/DX/Secondary Capture) is read
+as the bundle's loader reads it. Each image's size comes from its header first (a file that is not an image, a
+CT/SR/multi-frame DICOM or one under 32 px a side is left out there, without decoding), then the cache decodes
+it (a truncated or transparent one is left out there); either way with the loader's reason.
+
 Both datalists have the same items, split and class weights; ``LoadChestXrayd`` reads either.
 Cache files are written atomically (temp file + os.replace); a rerun skips files already complete and
 verified (shape, dtype) and redoes the rest, so an interrupted run resumes. Every file written is verified.

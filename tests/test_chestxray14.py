@@ -185,7 +185,7 @@ def test_missing_and_unreadable_images_are_named(sample_dataset):
         build_chestxray14_datalist(sample_dataset)
     message = str(caught.value)
     assert "1 listed image(s) missing: 00002578_000.png" in message
-    assert "00004994_000.png (not a PNG file" in message
+    assert "00004994_000.png (not a PNG, DICOM or .npy image (content is text" in message
     shutil.rmtree(sample_dataset / "images")
     with pytest.raises(ChestXray14FormatError, match="image folder not found"):
         build_chestxray14_datalist(sample_dataset)

@@ -44,7 +44,7 @@ import numpy as np
 
 from custom.data.class_balance import datalist_class_weights
 from custom.labels import CLASS_INDEX, CLASS_NAMES, LABEL_ALIASES, NO_FINDING
-from custom.transforms.grey_image import ImageLoadError, read_png_header
+from custom.transforms.grey_image import ImageLoadError, read_image_size
 
 LABEL_FILE_NAMES = (
     "Data_Entry_2017_v2020.csv",
@@ -363,7 +363,10 @@ def split_by_patient(
 def read_image_sizes(
     image_dir: str | os.PathLike, names: Sequence[str], num_workers: int = 8
 ) -> tuple[dict[str, tuple[int, int]], list[str], dict[str, str]]:
-    """Read each PNG's size [H, W] from its header only (no pixel decoding).
+    """Read each image's size [H, W] from its header only (no pixel decoding): NIH's PNGs, or DICOM
+    radiographs (``custom.transforms.grey_image.read_image_size``). What the header already shows to be
+    unusable (not an image, CT/SR/multi-frame DICOM, smaller than 32 px a side ...) is unreadable, with the
+    loader's reason.
 
     Returns (sizes: name -> (H, W), missing: names with no file, unreadable: name -> reason). Threads
     (``num_workers``; 0 = in this thread) overlap the file-system latency, which dominates on network disks.
@@ -372,10 +375,10 @@ def read_image_sizes(
     def one(name: str) -> tuple[str, tuple[int, int] | None, str | None]:
         path = Path(image_dir) / name
         try:
-            header = read_png_header(path)
+            size = read_image_size(path)
         except ImageLoadError as error:
             return name, None, "missing" if not path.exists() else error.reason
-        return name, (header.height, header.width), None
+        return name, size, None
 
     if num_workers > 0 and len(names) > 256:
         with ThreadPoolExecutor(num_workers) as pool:

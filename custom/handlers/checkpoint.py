@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from ..weights_file import CheckpointFileError, load_weights_file
 from .stages import unwrap
 
 logger = logging.getLogger(__name__)
@@ -142,7 +143,12 @@ class TrainingCheckpoint:
     def load(self, engine: Engine) -> None:
         if not (self.resume and os.path.isfile(self.path)):
             return
-        checkpoint = torch.load(self.path, map_location="cpu", weights_only=True)
+        try:
+            checkpoint = load_weights_file(self.path)  # weights_only: runs no code from the file
+        except CheckpointFileError as error:
+            raise CheckpointFileError(
+                f"{error}. To start over, move it away or run with --resume False"
+            ) from error
         unwrap(self.network).load_state_dict(checkpoint["network"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.lr_scheduler is not None and checkpoint["lr_scheduler"]:

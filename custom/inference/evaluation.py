@@ -25,6 +25,7 @@ import torch
 from custom.inference.maps import rpsal_maps
 from custom.inference.pipeline import network_outputs
 from custom.labels import CLASS_NAMES
+from custom.weights_file import load_weights_file
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class EvaluationOutputs:
         """Read a file written by ``save``; errors name the file."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: evaluation outputs not found")
-        content = torch.load(path, map_location="cpu", weights_only=True)
+        content = load_weights_file(path)  # weights_only: runs no code from the file
         if not isinstance(content, dict) or content.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path}: not evaluation outputs of format {FORMAT_VERSION}")
         values = {}

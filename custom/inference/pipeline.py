@@ -22,6 +22,7 @@ import torch
 from custom.inference.boxes import grid_boxes, grid_boxes_to_image, threshold_values
 from custom.inference.calibration_file import LOGITS, MAP_NAMES, Calibration
 from custom.inference.maps import rpsal_maps
+from custom.weights_file import load_weights_file
 
 
 @dataclass
@@ -57,11 +58,13 @@ def load_checkpoint(network: torch.nn.Module, path: str | os.PathLike, device=No
     """Load an RpSalNet state dict (``model.pt`` of training) into ``network`` and put it in eval mode.
 
     Raises FileNotFoundError / RuntimeError naming the file when it is missing or does not fit the network
-    (e.g. the network sizes in the config differ from the trained ones). Returns the network.
+    (e.g. the network sizes in the config differ from the trained ones), and CheckpointFileError (a
+    RuntimeError) when it holds pickled objects other than tensors (refused, never run) or is corrupt.
+    Returns the network.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: model checkpoint not found (train first, or set ckpt_path)")
-    state = torch.load(path, map_location=device or "cpu", weights_only=True)
+    state = load_weights_file(path, map_location=device or "cpu")  # weights_only: runs no code from the file
     if not isinstance(state, dict):
         raise RuntimeError(f"{path}: expected a state dict, got {type(state).__name__}")
     try:

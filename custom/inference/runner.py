@@ -277,16 +277,18 @@ class InferenceRunner:
         return str(path.relative_to(self.output_dir))
 
     def finalize(self) -> None:
-        """Raise RuntimeError when any input failed (after all outputs are written): a non-zero exit."""
+        """Raise RuntimeError when any input failed (after all outputs are written): a non-zero exit.
+
+        The message counts the failures and names the errors file; it does not repeat them, so each failed
+        input has exactly one line on stderr (written by ``ErrorLog.add``) and one in the file.
+        """
         if self.errors is None:
             raise RuntimeError("InferenceRunner.finalize called before run")
         failures = self.errors.failures
         if failures:
-            shown = "; ".join(f"{image} ({reason})" for image, reason in failures[:5])
-            more = f" and {len(failures) - 5} more" if len(failures) > 5 else ""
             raise RuntimeError(
-                f"{len(failures)} of {self.total} input(s) could not be processed (listed in "
-                f"{self.errors.path}): {shown}{more}"
+                f"{len(failures)} of {self.total} input(s) could not be processed; each is listed with its "
+                f"reason in {self.errors.path} and on stderr ('inference: skipped <path>: <reason>')"
             )
 
 

@@ -3,7 +3,7 @@
 - :class:`LoadChestXrayd` (``load.py``): a radiograph file -> MetaTensor (1, H, W) float32 in [0, 1],
   bone bright.
 - ``grey_image.py``: the decoder behind it (numpy/Pillow/pydicom only), ``ImageLoadError``,
-  ``read_png_header``.
+  ``read_png_header``, ``read_image_size`` (PNG/DICOM size from the header alone).
 - ``boxes.py``: exact xyxy box mapping between original and model pixels, clipping.
 
 ``LoadChestXrayd`` is imported on first use (PEP 562), so code that only decodes images or maps boxes (the
@@ -16,6 +16,7 @@ from custom.transforms.grey_image import (
     ImageLoadError,
     PngHeader,
     read_grey_image,
+    read_image_size,
     read_png_header,
 )
 
@@ -28,6 +29,7 @@ __all__ = [
     "boxes_to_original",
     "clip_boxes",
     "read_grey_image",
+    "read_image_size",
     "read_png_header",
     "scale_boxes",
 ]

@@ -169,29 +169,13 @@ def read_grey_image(
             unsupported DICOM object, transparent pixels, too small, too large).
     """
     path = Path(path)
-    try:
-        if path.stat().st_size == 0:
-            raise ImageLoadError(path, "file is empty (0 bytes)")
-        with open(path, "rb") as handle:
-            head = handle.read(132)
-    except FileNotFoundError as error:
-        raise ImageLoadError(path, "file not found") from error
-    except OSError as error:
-        raise ImageLoadError(path, f"cannot read file ({error.strerror or error})") from error
-    if head.startswith(PNG_SIGNATURE):
-        source_format = "png"
+    source_format = _content_format(path, _read_head(path)[0])
+    if source_format == "png":
         grey, divisor, bit_depth = _decode_png(path, min_size, max_pixels)
-    elif head.startswith(NPY_MAGIC):
-        source_format = "npy"
+    elif source_format == "npy":
         grey, divisor, bit_depth = _decode_npy(path)
-    elif head[128:132] == b"DICM" or path.suffix.lower() in DICOM_EXTENSIONS:
-        source_format = "dicom"
-        grey, divisor, bit_depth = _decode_dicom(path, max_pixels)
     else:
-        kind = "text" if _looks_like_text(head) else "unrecognised binary data"
-        raise ImageLoadError(
-            path, f"not a PNG, DICOM or .npy image (content is {kind}, starting {head[:16]!r})"
-        )
+        grey, divisor, bit_depth = _decode_dicom(path, max_pixels)
     height, width = grey.shape
     if min(height, width) < min_size:
         raise ImageLoadError(path, _too_small(height, width, min_size))
@@ -208,6 +192,90 @@ def read_grey_image(
     if divisor is not None:
         np.divide(array, np.float32(divisor), out=array)  # in place: no float64 temporary of a large film
     return GreyImage(array, (height, width), bit_depth, source_format, factor)
+
+
+def read_image_size(
+    path: str | os.PathLike, min_size: int = DEFAULT_MIN_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[int, int]:
+    """(H, W) of a radiograph file from its header alone, no pixel decoded: PNG IHDR, DICOM Rows/Columns
+    (pixel data deferred, not read), ``.npy`` header.
+
+    Refuses, with the messages of :func:`read_grey_image`, what the header already shows: a missing, empty
+    or non-image file, a broken PNG header, a DICOM object that is not a single-frame grey projection
+    radiograph (CT, SR, multi-frame, no pixel data ...), an image smaller than ``min_size`` per side or larger
+    than ``max_pixels``. A file that passes may still fail to decode (truncated pixel data).
+
+    Raises:
+        ImageLoadError naming the file and the reason.
+    """
+    path = Path(path)
+    head, header = _read_head(path, with_png_header=True)  # one open per PNG: 112,120 of them on NIH's data
+    source_format = _content_format(path, head)
+    if source_format == "png":
+        height, width = header.height, header.width
+    elif source_format == "npy":
+        try:
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+        except (OSError, ValueError, EOFError) as error:
+            raise ImageLoadError(path, f"truncated or corrupt .npy file ({error})") from error
+        if len(shape) == 3 and shape[0] == 1:
+            shape = shape[1:]
+        if len(shape) != 2:
+            raise ImageLoadError(path, f".npy array has shape {shape}; expected (H, W) or (1, H, W)")
+        height, width = shape
+    else:
+        ds = _read_dicom(path, defer_size=1024)  # large values (the pixel data) are left unread
+        _check_radiograph(path, ds)
+        height, width = int(ds.Rows), int(ds.Columns)
+    if min(height, width) < min_size:
+        raise ImageLoadError(path, _too_small(height, width, min_size))
+    if height * width > max_pixels:
+        raise ImageLoadError(
+            path, f"image is {height}x{width} pixels, more than the limit of {max_pixels} pixels"
+        )
+    return int(height), int(width)
+
+
+def _read_head(path: Path, with_png_header: bool = False) -> tuple[bytes, PngHeader | None]:
+    """The first 132 bytes of a file (enough for the PNG, .npy and DICOM signatures) and, when asked and the
+    file is a PNG, its header chunks; refuses an empty, missing or unreadable file."""
+    header = None
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+            if with_png_header and head.startswith(PNG_SIGNATURE):
+                handle.seek(len(PNG_SIGNATURE))
+                header = _read_png_chunks(path, handle)
+    except FileNotFoundError as error:
+        raise ImageLoadError(path, "file not found") from error
+    except OSError as error:
+        raise ImageLoadError(path, f"cannot read file ({error.strerror or error})") from error
+    if not head:
+        raise ImageLoadError(path, "file is empty (0 bytes)")
+    return head, header
+
+
+def _content_format(path: Path, head: bytes) -> str:
+    """'png', 'npy' or 'dicom' from the file's signature (a DICOM without preamble by its extension)."""
+    if head.startswith(PNG_SIGNATURE):
+        return "png"
+    if head.startswith(NPY_MAGIC):
+        return "npy"
+    if head[128:132] == b"DICM" or path.suffix.lower() in DICOM_EXTENSIONS:
+        return "dicom"
+    kind = "text" if _looks_like_text(head) else "unrecognised binary data"
+    raise ImageLoadError(path, f"not a PNG, DICOM or .npy image (content is {kind}, starting {head[:16]!r})")
+
+
+def _read_dicom(path: Path, defer_size: int | None = None):
+    """pydicom.dcmread(force=True); a file pydicom cannot parse is refused naming it."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(path, force=True, defer_size=defer_size)
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError) as error:
+        raise ImageLoadError(path, f"unreadable DICOM ({error})") from error
 
 
 def _too_small(height: int, width: int, min_size: int) -> str:
@@ -334,14 +402,9 @@ def _decode_dicom(path: Path, max_pixels: int) -> tuple[np.ndarray, None, int]:
     Both transforms are pointwise in the stored value, so they are evaluated once on the (at most 65,536)
     possible stored values and applied as a float32 lookup table: no float64 copy of the image is made.
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    try:
-        ds = pydicom.dcmread(path, force=True)
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError) as error:
-        raise ImageLoadError(path, f"unreadable DICOM ({error})") from error
+    ds = _read_dicom(path)
     _check_radiograph(path, ds)
     rows, columns = int(ds.Rows), int(ds.Columns)
     if rows * columns > max_pixels:
