@@ -8,3 +8,4 @@ VENV="${VENV:-.venv}"
 source scripts/setup_venv.sh "$VENV" requirements.txt
 python -m monai.bundle run training \
     --config_file "['bundle/configs/train.yaml','bundle/configs/demo.yaml']" "$@"
+echo "demo finished in ${SECONDS} s (environment, phantom, 3 training stages, test AUC)"
