@@ -383,7 +383,11 @@ def test_bf16_autocast_channels_last_training_step_runs():
     """The GPU precision path (bf16 autocast, channels-last) exercised on the CPU: dtypes fit, gradients are
     finite, and the selected boxes stay float32 (bf16 would round 512-px coordinates to 2 px)."""
     torch.manual_seed(10)
-    net = RpSalNet(**TINY).train().to(memory_format=torch.channels_last)
+    # Crops of 32 px, not TINY's 16: with 16-px crops the ResNet's last stage sees 1x1 maps, and torch 2.14's
+    # CPU bf16 channels-last weight gradient of a 3x3 stride-2 conv on a 1x1 input is sometimes non-finite
+    # (a bare nn.Conv2d(256, 512, 3, 2, 1): 1 in 200 backward passes, different runs on the same inputs;
+    # never on 2x2 inputs in 400). That CPU kernel is not on any path we run (CPU trains in float32).
+    net = RpSalNet(**{**TINY, "crop_size": 32}).train().to(memory_format=torch.channels_last)
     loss = RpSalLoss([0.9] * 14, [0.1] * 14, stage=3)
     images = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     labels = (torch.rand(2, 14) < 0.3).float()
