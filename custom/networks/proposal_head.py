@@ -276,7 +276,12 @@ class ProposalHead(nn.Module):
         self.score_weight = nn.Parameter(torch.empty(k, hidden_channels))
         self.delta_weight = nn.Parameter(torch.zeros(k, hidden_channels, 4))
         self.delta_bias = nn.Parameter(torch.zeros(k, 4))
-        nn.init.normal_(self.score_weight, std=hidden_channels**-0.5)
+        # The authors' initialisation, N(0.01, 0.01^2): with max-pooled activations that are mostly positive, a small
+        # positive weight makes the first confidences grow with the saliency-gated features, so stage 2 starts
+        # from the salient proposals. A zero-mean start gives each class a random sign instead; on the demo
+        # phantom its top-1 proposals then sat on the LEAST salient places (confidence-saliency correlation
+        # -0.9 to +0.7 by class) and stayed there.
+        nn.init.normal_(self.score_weight, mean=0.01, std=0.01)
         self.box_coder = BoxCoder()
 
     def forward(
