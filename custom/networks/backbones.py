@@ -16,6 +16,8 @@ from torch import nn
 from torchvision.models.densenet import DenseNet
 from torchvision.models.resnet import BasicBlock, ResNet
 
+from ..weights_file import CheckpointFileError, load_weights_file
+
 # DenseNet variants: torchvision's DenseNet-121 (the paper's) and a small one for tests and CPU demos.
 DENSENET_PRESETS: dict[str, dict] = {
     "densenet121": {"growth_rate": 32, "block_config": (6, 12, 24, 16), "num_init_features": 64},
@@ -83,9 +85,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise PretrainedWeightsError(f"{path}: weight file not found (ImageNet weights are read from local files)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unpickling/zip error is reported with the file name
-        raise PretrainedWeightsError(f"{path}: not a readable PyTorch weight file ({error})") from error
+        state = load_weights_file(path)
+    except CheckpointFileError as error:  # pickled objects refused, or a truncated/corrupt file
+        reason = str(error).removeprefix(f"{path}: ")
+        raise PretrainedWeightsError(f"{path}: not a readable PyTorch weight file ({reason})") from error
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping):
