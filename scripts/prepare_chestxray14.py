@@ -30,7 +30,6 @@ tables, or listed images missing from images/ without ``--allow_missing true``).
 from __future__ import annotations
 
 import multiprocessing
-import os
 import sys
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -47,6 +46,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from custom.atomic_file import atomic_output  # noqa: E402
 from custom.data.chestxray14 import (  # noqa: E402
     IMAGE_DIR,
     ChestXray14FormatError,
@@ -112,15 +112,8 @@ def verify_cache_file(path: Path, image_size: int, dtype: np.dtype | None) -> st
 
 def write_npy_atomically(array: np.ndarray, path: Path) -> None:
     """np.save to a temp file beside ``path``, then os.replace: readers never see a half-written file."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temp, "wb") as handle:
-            np.save(handle, array, allow_pickle=False)
-        os.replace(temp, path)
-    except BaseException:
-        if temp.exists():
-            temp.unlink()
-        raise
+    with atomic_output(path) as temp, open(temp, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
 
 
 def cache_image(source: Path, target: Path, image_size: int) -> str:
@@ -288,9 +281,8 @@ def prepare(
 def _write_errors(path: Path, errors: dict[str, str]) -> None:
     """errors.txt: one '<image name>\\t<reason>' line per image left out (an empty file when none)."""
     text = "".join(f"{name}\t{' '.join(reason.split())}\n" for name, reason in sorted(errors.items()))
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)
+    with atomic_output(path) as temp:
+        temp.write_text(text, encoding="utf-8")
 
 
 def _as_bool(value, name: str) -> bool:

@@ -325,6 +325,26 @@ def test_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeyp
     assert int(torch.load(path, weights_only=True)["epoch"]) == 1
 
 
+def test_atomic_output_keeps_the_previous_file_when_a_write_fails(tmp_path):
+    """The one mechanism behind the JSON, datalist, calibration, NIfTI, overlay, evaluation-output and cache
+    writes: the final name holds the old complete file or the new one, and a failed write leaves no temp."""
+    from custom.atomic_file import atomic_output
+    from custom.inference.writers import write_json
+
+    path = tmp_path / "nested" / "calibration.json"
+    write_json(path, {"version": 1})
+    before = path.read_bytes()
+    with pytest.raises(OSError, match="No space left"):
+        with atomic_output(path) as temp:
+            temp.write_text('{"version": 2, "trunc')
+            raise OSError(28, "No space left on device")
+    assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == ["calibration.json"]
+    with atomic_output(path, suffix=".json") as temp:
+        assert temp.parent == path.parent and temp.name.endswith(".tmp.json") and temp.name.startswith(".")
+        temp.write_text('{"version": 3}\n')
+    assert path.read_text() == '{"version": 3}\n' and sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
 KILLED_MID_WRITE = """
 import os, signal, sys, torch
 sys.path.insert(0, {repo!r})

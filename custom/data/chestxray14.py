@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from custom.atomic_file import atomic_output
 from custom.data.class_balance import datalist_class_weights
 from custom.labels import CLASS_INDEX, CLASS_NAMES, LABEL_ALIASES, NO_FINDING
 from custom.transforms.grey_image import ImageLoadError, read_image_size
@@ -564,11 +565,6 @@ def write_datalist(datalist: Mapping, path: str | os.PathLike) -> Path:
             parts.append(f" {json.dumps(key)}: [\n{body}\n ]")
         else:
             parts.append(f" {json.dumps(key)}: {json.dumps(value)}")
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_output(path) as temp:
         temp.write_text("{\n" + ",\n".join(parts) + "\n}\n", encoding="utf-8")
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
     return path

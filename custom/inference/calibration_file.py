@@ -28,6 +28,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from custom.atomic_file import atomic_output
 from custom.inference.boxes import COMPONENT_MODES, THRESHOLD_MODES
 from custom.inference.maps import WEIGHTINGS
 from custom.inference.writers import json_text
@@ -226,14 +227,8 @@ def save_calibration(calibration: Calibration, path: str | os.PathLike) -> Path:
     Returns the path.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_output(path) as temp:
         temp.write_text(json_text(calibration.to_json()) + "\n", encoding="utf-8")
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
     return path
 
 

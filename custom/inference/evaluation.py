@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from custom.atomic_file import atomic_output
 from custom.inference.maps import rpsal_maps
 from custom.inference.pipeline import network_outputs
 from custom.labels import CLASS_NAMES
@@ -94,14 +95,8 @@ class EvaluationOutputs:
                 value = list(value)
             content[item.name] = value
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
+        with atomic_output(path) as temp:
             torch.save(content, temp)
-            os.replace(temp, path)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
         return path
 
     @classmethod

@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from custom.atomic_file import atomic_output
 from custom.inference.calibration_file import MAP_NAMES, Calibration
 from custom.inference.overlays import findings_overlay, load_display_image
 from custom.inference.pipeline import file_digest, findings_json, network_outputs, predict_from_outputs
@@ -270,10 +271,8 @@ class InferenceRunner:
             grey, result["original_size"], result["findings"], maps, fallback, self.max_panels
         )
         path = output_path(self.output_dir / "overlays", name, ".png")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{path.name}.tmp.png")
-        picture.save(temp)
-        os.replace(temp, path)
+        with atomic_output(path, suffix=".png") as temp:
+            picture.save(temp)
         return str(path.relative_to(self.output_dir))
 
     def finalize(self) -> None:

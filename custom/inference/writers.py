@@ -15,6 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
+from custom.atomic_file import atomic_output
+
 
 def output_path(folder: str | os.PathLike, name: str, suffix: str) -> Path:
     """``folder / (name + suffix)``, checked to be a plain file name directly inside ``folder``.
@@ -45,14 +47,8 @@ def write_json(path: str | os.PathLike, content) -> Path:
     half a file. Returns the path.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_output(path) as temp:
         temp.write_text(json_text(content) + "\n", encoding="utf-8")
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -84,14 +80,8 @@ def write_nifti_maps(path: str | os.PathLike, maps, original_size: Sequence[int]
     image = nib.Nifti1Image(np.ascontiguousarray(maps.transpose(2, 1, 0)), affine)
     image.header.set_xyzt_units("unknown")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp.nii.gz")
-    try:
+    with atomic_output(path, suffix=".nii.gz") as temp:
         nib.save(image, temp)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
     return path
 
 

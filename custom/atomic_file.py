@@ -1,0 +1,38 @@
+"""Writing a file so that no reader ever sees half of it: write a temporary file beside it, then rename.
+
+``os.replace`` within one folder is atomic on POSIX and Windows, so the final name holds either the previous
+complete file or the new complete one. A failed or interrupted write removes its temporary file when it can;
+a killed process leaves ``.<name>.<pid>.tmp<suffix>``, never a file under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block ends without error, rename it to ``path``.
+
+    Args:
+        path: the final file; its folder is created if needed.
+        suffix: ending of the temporary name, for writers that choose the format by extension (e.g.
+            ``".png"`` for Pillow, ``".nii.gz"`` for nibabel).
+
+    Example::
+
+        with atomic_output("out/report.json") as temp:
+            temp.write_text(text)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+    try:
+        yield temp
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
