@@ -218,11 +218,7 @@ def read_image_size(
             shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
         except (OSError, ValueError, EOFError) as error:
             raise ImageLoadError(path, f"truncated or corrupt .npy file ({error})") from error
-        if len(shape) == 3 and shape[0] == 1:
-            shape = shape[1:]
-        if len(shape) != 2:
-            raise ImageLoadError(path, f".npy array has shape {shape}; expected (H, W) or (1, H, W)")
-        height, width = shape
+        height, width = _npy_image_shape(path, shape)
     else:
         ds = _read_dicom(path, defer_size=1024)  # large values (the pixel data) are left unread
         _check_radiograph(path, ds)
@@ -230,9 +226,7 @@ def read_image_size(
     if min(height, width) < min_size:
         raise ImageLoadError(path, _too_small(height, width, min_size))
     if height * width > max_pixels:
-        raise ImageLoadError(
-            path, f"image is {height}x{width} pixels, more than the limit of {max_pixels} pixels"
-        )
+        raise ImageLoadError(path, _too_large(height, width, max_pixels))
     return int(height), int(width)
 
 
@@ -283,6 +277,20 @@ def _too_small(height: int, width: int, min_size: int) -> str:
     return f"image is {height}x{width} pixels (HxW), smaller than the minimum of {min_size} px per side"
 
 
+def _too_large(height: int, width: int, max_pixels: int) -> str:
+    """The message for an image above the pixel limit."""
+    return f"image is {height}x{width} pixels, more than the limit of {max_pixels} pixels"
+
+
+def _npy_image_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, int]:
+    """(H, W) of a cache array stored as (H, W) or (1, H, W); any other shape is refused naming the file."""
+    if len(shape) == 3 and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) != 2:
+        raise ImageLoadError(path, f".npy array has shape {tuple(shape)}; expected (H, W) or (1, H, W)")
+    return int(shape[0]), int(shape[1])
+
+
 def _reduction_factor(height: int, width: int, downscale_to: int | None) -> int:
     """Largest integer f dividing H and W with min(H, W) / f >= downscale_to (1 when none or not asked)."""
     if downscale_to is None:
@@ -312,10 +320,7 @@ def _decode_png(path: Path, min_size: int, max_pixels: int) -> tuple[np.ndarray,
     if min(header.height, header.width) < min_size:
         raise ImageLoadError(path, _too_small(header.height, header.width, min_size))
     if header.width * header.height > max_pixels:
-        raise ImageLoadError(
-            path,
-            f"image is {header.height}x{header.width} pixels, more than the limit of {max_pixels} pixels",
-        )
+        raise ImageLoadError(path, _too_large(header.height, header.width, max_pixels))
     try:
         with Image.open(path) as image:
             image.load()
@@ -374,10 +379,7 @@ def _decode_npy(path: Path) -> tuple[np.ndarray, int | None, int]:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as error:
         raise ImageLoadError(path, f"truncated or corrupt .npy file ({error})") from error
-    if array.ndim == 3 and array.shape[0] == 1:
-        array = array[0]
-    if array.ndim != 2:
-        raise ImageLoadError(path, f".npy array has shape {array.shape}; expected (H, W) or (1, H, W)")
+    array = array.reshape(_npy_image_shape(path, array.shape))  # (1, H, W) -> (H, W), a view
     if array.dtype == np.uint8:
         return array, 255, 8
     if array.dtype == np.uint16:
@@ -408,9 +410,7 @@ def _decode_dicom(path: Path, max_pixels: int) -> tuple[np.ndarray, None, int]:
     _check_radiograph(path, ds)
     rows, columns = int(ds.Rows), int(ds.Columns)
     if rows * columns > max_pixels:
-        raise ImageLoadError(
-            path, f"image is {rows}x{columns} pixels, more than the limit of {max_pixels} pixels"
-        )
+        raise ImageLoadError(path, _too_large(rows, columns, max_pixels))
     bits_stored = int(ds.get("BitsStored", 0) or ds.get("BitsAllocated", 0) or 0)
     if not 1 <= bits_stored <= 16:
         raise ImageLoadError(path, f"DICOM Bits Stored {bits_stored} unsupported (1-16 bits expected)")
