@@ -374,7 +374,35 @@ def test_process_killed_while_writing_a_checkpoint_leaves_the_previous_one(tmp_p
     assert path.read_bytes() == before  # the final name still holds the whole previous checkpoint
     assert int(torch.load(path, weights_only=True)["epoch"]) == 1
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "last.pt"]
-    assert len(leftovers) == 1 and leftovers[0].startswith("last.pt.tmp-")  # the partial file, never .pt
+    assert len(leftovers) == 1 and re.fullmatch(r"\.last\.pt\.\d+\.tmp", leftovers[0])  # partial, never .pt
+    # the next run's checkpoint handler removes what the killed process left, and nothing else
+    from custom.handlers.checkpoint import remove_stale_temporary_files
+
+    assert remove_stale_temporary_files(str(tmp_path)) == leftovers
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_stale_checkpoint_temporaries_go_only_when_their_writer_is_dead(tmp_path):
+    from custom.handlers.checkpoint import remove_stale_temporary_files
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    dead = int(finished.stdout)  # a process that has exited
+    live = os.getppid()  # the shell or pytest's parent: alive while the test runs
+    names = {
+        f".last.pt.{dead}.tmp": False,  # killed mid-write: removed
+        f"best_stage2.pt.tmp-{dead}": False,  # the name older versions used: removed
+        f".model.pt.{live}.tmp": True,  # a writer still running: kept
+        f".model.pt.{os.getpid()}.tmp": True,  # this process's own write: kept
+        f".report.json.{dead}.tmp": True,  # not a checkpoint: not ours to remove
+        "last.pt": True,
+        "notes.tmp": True,
+    }
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    removed = remove_stale_temporary_files(str(tmp_path))
+    assert sorted(removed) == sorted(name for name, kept in names.items() if not kept)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(name for name, kept in names.items() if kept)
 
 
 def test_prepare_killed_midway_resumes_and_the_cache_is_valid(tmp_path):

@@ -74,10 +74,14 @@ def test_rerun_after_sigkill_continues_from_the_last_checkpoint(tmp_path, tiny_p
     epoch_at_kill = int(killed_at["trainer"]["epoch"])
     assert 1 <= epoch_at_kill < 4
     rows_before = len(metrics_rows(tmp_path))
+    # what a kill in the middle of a checkpoint write leaves (the killed process's pid is gone now)
+    partial = tmp_path / "models" / f".last.pt.{process.pid}.tmp"
+    partial.write_bytes(b"PK partial")
 
     result = run_bundle([*CONFIGS, str(overrides)])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     output = result.stdout + result.stderr
+    assert not partial.exists() and f"left by a killed run: {partial.name}" in output
     assert f"epoch {epoch_at_kill}, iteration {int(killed_at['trainer']['iteration'])}" in output
     assert "resumed from" in output
     new_rows = metrics_rows(tmp_path)[rows_before:]

@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from ..atomic_file import atomic_output
 from ..weights_file import CheckpointFileError, load_weights_file
 from .stages import unwrap
 
@@ -30,19 +32,54 @@ def is_main_process() -> bool:
 
 
 def atomic_save(obj, path: str) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: a reader never sees half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    try:
+    """``torch.save`` to a temporary file beside ``path`` (flushed to disk), then rename: a reader never sees
+    half a file. A process killed mid-write leaves ``.<name>.<pid>.tmp``; the next run's checkpoint handler
+    removes it (``remove_stale_temporary_files``)."""
+    with atomic_output(path) as temporary:
         with open(temporary, "wb") as handle:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+
+
+# Temporary checkpoint names: ".<name>.pt.<pid>.tmp" (atomic_output) and "<name>.pt.tmp-<pid>" (before 2026-11-26).
+_TEMPORARY_CHECKPOINT = re.compile(r"^\.(?P<name>.+\.pt)\.(?P<pid>\d+)\.tmp$|^(?P<old>.+\.pt)\.tmp-(?P<oldpid>\d+)$")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def remove_stale_temporary_files(folder: str) -> list[str]:
+    """Remove the temporary checkpoint files that killed processes left in ``folder``.
+
+    Only names the checkpoint writer makes are touched, and only when the process that wrote them is gone
+    (on this host), so a write in progress is never disturbed. Returns the names removed.
+    """
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    for name in sorted(os.listdir(folder)):
+        match = _TEMPORARY_CHECKPOINT.match(name)
+        if not match:
+            continue
+        pid = int(match.group("pid") or match.group("oldpid"))
+        if pid == os.getpid() or _process_alive(pid):
+            continue
+        try:
+            os.remove(os.path.join(folder, name))
+        except FileNotFoundError:
+            continue
+        removed.append(name)
+    return removed
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -141,6 +178,11 @@ class TrainingCheckpoint:
             atomic_save(self.state(engine), self.path)
 
     def load(self, engine: Engine) -> None:
+        if is_main_process():
+            stale = remove_stale_temporary_files(os.path.dirname(os.path.abspath(self.path)))
+            if stale:
+                logger.info(f"removed {len(stale)} temporary checkpoint file(s) left by a killed run: "
+                            f"{', '.join(stale)}")
         if not (self.resume and os.path.isfile(self.path)):
             return
         try:
