@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from custom.atomic_file import atomic_output
+from custom.inference.arguments import require_booleans
 from custom.inference.maps import rpsal_maps
 from custom.inference.pipeline import network_outputs
 from custom.labels import CLASS_NAMES
@@ -189,8 +190,7 @@ def collect_outputs(
     Returns:
         ``EvaluationOutputs``.
     """
-    if not isinstance(normalize, bool):  # "false" from a command line is a truthy string: refuse it
-        raise ValueError(f"normalize must be true or false (a boolean), got {normalize!r}")
+    require_booleans(normalize=normalize)
     device = torch.device(device) if device is not None else next(network.parameters()).device
     network.eval()
     box_labels = sorted({int(k) for item in test_items for k in item.get("box_labels", [])})

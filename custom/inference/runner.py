@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from custom.atomic_file import atomic_output
+from custom.inference.arguments import require_booleans
 from custom.inference.calibration_file import MAP_NAMES, Calibration
 from custom.inference.overlays import findings_overlay, load_display_image
 from custom.inference.pipeline import file_digest, findings_json, network_outputs, predict_from_outputs
@@ -129,10 +130,7 @@ class InferenceRunner:
         image_key: str = "image",
         pred_key: str = "pred",
     ):
-        flags = {"overlays": overlays, "amp": amp}
-        for name, value in flags.items():
-            if not isinstance(value, bool):  # "false" from a command line is a truthy string: refuse it
-                raise ValueError(f"{name} must be true or false (a boolean), got {value!r}")
+        require_booleans(overlays=overlays, amp=amp)
         if isinstance(nifti_maps, str):
             raise ValueError(f"nifti_maps must be a list of map names, got the string {nifti_maps!r}")
         unknown = set(nifti_maps) - set(MAP_NAMES)

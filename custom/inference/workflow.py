@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from custom.inference.arguments import require_booleans
 from custom.inference.calibration_file import (
     DEFAULT_BOX_THRESHOLD,
     DEFAULT_DECISION_THRESHOLD,
@@ -138,9 +139,7 @@ class RpSalEvaluation:
         self.test_items = test_items
         self.report_dir = Path(report_dir)
         self.calibration_file = calibration_file
-        for name, value in {"amp": amp, "normalize": normalize, "save_outputs": save_outputs}.items():
-            if not isinstance(value, bool):  # "false" from a command line is a truthy string: refuse it
-                raise ValueError(f"{name} must be true or false (a boolean), got {value!r}")
+        require_booleans(amp=amp, normalize=normalize, save_outputs=save_outputs)
         self.device, self.amp, self.inferer = device, amp, inferer
         self.weighting, self.normalize = weighting, normalize
         self.save_outputs = save_outputs
