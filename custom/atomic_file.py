@@ -7,7 +7,9 @@ a killed process leaves ``.<name>.<pid>.tmp<suffix>``, never a file under the fi
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,10 +31,34 @@ def atomic_output(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")  # the form _TEMPORARY_NAME reads
     try:
         yield temp
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+_TEMPORARY_NAME = re.compile(r"^\.(?P<final>.+)\.(?P<pid>\d+)\.tmp(?P<suffix>.*)$")
+
+
+def leftover_temporaries(folder: str | os.PathLike, final_names: str = "*") -> list[tuple[Path, int]]:
+    """The temporary files ``atomic_output`` left in ``folder`` (a killed writer's), oldest name first.
+
+    Args:
+        folder: where to look (a missing folder has none).
+        final_names: glob the final file names must match, e.g. ``"*.npy"``.
+
+    Returns:
+        ``(temporary path, pid of the process that wrote it)`` for each, sorted by name.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in sorted(folder.iterdir()):
+        match = _TEMPORARY_NAME.match(path.name)
+        if match and fnmatch.fnmatchcase(match.group("final"), final_names):
+            found.append((path, int(match.group("pid"))))
+    return found

@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from custom.atomic_file import atomic_output  # noqa: E402
+from custom.atomic_file import atomic_output, leftover_temporaries  # noqa: E402
 from custom.data.chestxray14 import (  # noqa: E402
     IMAGE_DIR,
     ChestXray14FormatError,
@@ -172,7 +172,7 @@ def build_cache(
 ) -> tuple[dict[str, str], dict[str, int]]:
     """Cache every image of ``names``; returns (failures: name -> reason, counts per status)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    for stale in cache_dir.glob(".*.npy.*.tmp"):  # left by a killed run; never a complete file
+    for stale, _ in leftover_temporaries(cache_dir, "*.npy"):  # left by a killed run; never a complete file
         stale.unlink()
     tasks = [(n, str(image_dir / n), str(cache_dir / cache_file_name(n)), image_size) for n in names]
     failures, counts = {}, {"written": 0, "skipped": 0, "failed": 0}

@@ -13,12 +13,13 @@ import os
 import random
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from ..atomic_file import atomic_output
+from ..atomic_file import atomic_output, leftover_temporaries
 from ..weights_file import CheckpointFileError, load_weights_file
 from .stages import unwrap
 
@@ -42,8 +43,8 @@ def atomic_save(obj, path: str) -> None:
             os.fsync(handle.fileno())
 
 
-# Temporary checkpoint names: ".<name>.pt.<pid>.tmp" (atomic_output) and "<name>.pt.tmp-<pid>" (before 2026-11-26).
-_TEMPORARY_CHECKPOINT = re.compile(r"^\.(?P<name>.+\.pt)\.(?P<pid>\d+)\.tmp$|^(?P<old>.+\.pt)\.tmp-(?P<oldpid>\d+)$")
+# The temporary name checkpoints had before they went through atomic_output: "<name>.pt.tmp-<pid>".
+_OLD_TEMPORARY_CHECKPOINT = re.compile(r"^.+\.pt\.tmp-(?P<pid>\d+)$")
 
 
 def _process_alive(pid: int) -> bool:
@@ -64,9 +65,22 @@ def remove_stale_temporary_files(folder: str) -> list[str]:
     Only names the checkpoint writer makes are touched, and only when the process that wrote them is gone
     (on this host), so a write in progress is never disturbed. Returns the names removed.
     """
+    candidates = leftover_temporaries(folder, "*.pt")
+    if os.path.isdir(folder):
+        for name in sorted(os.listdir(folder)):
+            old = _OLD_TEMPORARY_CHECKPOINT.match(name)
+            if old:
+                candidates.append((Path(folder) / name, int(old.group("pid"))))
     removed = []
-    if not os.path.isdir(folder):
-        return removed
+    for path, pid in candidates:
+        if pid == os.getpid() or _process_alive(pid):
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(path.name)
+    return removed
     for name in sorted(os.listdir(folder)):
         match = _TEMPORARY_CHECKPOINT.match(name)
         if not match:
