@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .networks.gumbel_selection import score_function_surrogate
+
 
 class ClassBalancedBCE(nn.Module):
     """-betaP(k) y log sigmoid(x) - betaN(k) (1 - y) log(1 - sigmoid(x)), averaged, times ``scale``.
@@ -28,15 +30,23 @@ class ClassBalancedBCE(nn.Module):
         self.register_buffer("negative_weights", negative)
         self.scale = scale
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def elementwise(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The weighted loss of each element, times ``scale``, unreduced.
+
+        ``logits (B, K, *extra)``, ``labels (B, K)`` (broadcast over the extra dims) -> (B, K, *extra).
+        """
         logits = logits.float()
         labels = labels.float()
+        extra = (None,) * (logits.ndim - 2)
+        labels = labels[(..., *extra)]
+        positive = self.positive_weights[(..., *extra)]
+        negative = self.negative_weights[(..., *extra)]
         # log sigmoid and log(1 - sigmoid) in their stable forms.
-        loss = -(
-            self.positive_weights * labels * F.logsigmoid(logits)
-            + self.negative_weights * (1 - labels) * F.logsigmoid(-logits)
-        )
-        return self.scale * loss.mean()
+        loss = -(positive * labels * F.logsigmoid(logits) + negative * (1 - labels) * F.logsigmoid(-logits))
+        return self.scale * loss
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.elementwise(logits, labels).mean()
 
 
 class RpSalLoss(nn.Module):
@@ -46,6 +56,12 @@ class RpSalLoss(nn.Module):
     authors' implementation: stage 1 trains the image logits y (L_CLS); stages 2 and 3 train the combined
     logits y + z (L_RPN) plus y, weights 1 and 1. The stage is set by the training schedule
     (``custom.handlers.stages.StageSchedule``) through ``set_stage``.
+
+    Fields: ``image_logits``, ``combined_logits``, ``crop_logits`` and ``proposal_image_logits`` (the
+    multiple-instance term on the pooled proposal confidences, beyond the paper). When the network sampled S
+    proposals per class (``sample_combined_logits``, the ``reinforce`` estimator), the ``combined_logits``
+    term is the mean loss over the samples plus the score-function surrogate that trains the confidences
+    (``custom.networks.gumbel_selection.score_function_surrogate``); its value is still the loss.
 
     ``forward(output: RpSalOutput, labels (B, K))`` -> scalar.
     """
@@ -77,9 +93,25 @@ class RpSalLoss(nn.Module):
     def forward(self, output, labels: torch.Tensor) -> torch.Tensor:
         total = None
         for field, weight in self.terms[self.stage].items():
-            logits = getattr(output, field)
-            if logits is None:
-                raise ValueError(f"stage {self.stage} loss needs {field}, which the network did not compute")
-            term = weight * self.bce(logits, labels)
+            if not weight:
+                continue
+            term = weight * self.term(output, field, labels)
             total = term if total is None else total + term
+        if total is None:
+            raise ValueError(f"stage {self.stage} has no loss term with a non-zero weight")
         return total
+
+    def term(self, output, field: str, labels: torch.Tensor) -> torch.Tensor:
+        """One unweighted term of the loss: the class-balanced BCE of ``field`` (see the class docstring)."""
+        samples = getattr(output, "sample_combined_logits", None)
+        if field == "combined_logits" and samples is not None:
+            losses = self.bce.elementwise(samples, labels)  # (B, K, S)
+            return losses.mean() + score_function_surrogate(losses, output.sample_log_probs)
+        logits = getattr(output, field, None)
+        if logits is None:
+            raise ValueError(f"stage {self.stage} loss needs {field}, which the network did not compute")
+        return self.bce(logits, labels)
+
+    def extra_repr(self) -> str:
+        # Part of the run signature the training checkpoint hashes.
+        return f"scale={self.bce.scale}, terms={self.terms}"

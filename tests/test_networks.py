@@ -221,7 +221,8 @@ def test_eval_mode_is_deterministic():
     with torch.no_grad():
         a, b = net(x), net(x)
     for first, second in zip(a, b):
-        assert torch.equal(first, second)
+        # The training-only fields (the reinforce estimator's samples) are None in evaluation.
+        assert (first is None and second is None) or torch.equal(first, second)
 
 
 def test_weights_round_trip_through_a_file(tmp_path):
@@ -237,7 +238,7 @@ def test_weights_round_trip_through_a_file(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         for first, second in zip(net(x), other(x)):
-            assert torch.equal(first, second)
+            assert (first is None and second is None) or torch.equal(first, second)
     assert float(other.temperature) == 0.25
 
 

@@ -1,10 +1,26 @@
-"""Straight-through Gumbel-Softmax selection of one proposal per class (paper Sec. 3.2, Jang et al. 2017)."""
+"""Selection of one proposal per class and the gradient estimators that train it (paper Sec. 3.2).
+
+Two estimators of the gradient of the expected crop loss with respect to the proposal confidences:
+
+- ``straight_through`` (the paper's): one hard Gumbel-max sample, whose backward is that of the Gumbel-Softmax
+  relaxation (Jang et al. 2017). Biased: the hard sample is argmax(logits + g) at any temperature, and the
+  relaxed gradient need not point where the expected loss falls (``tests/test_selection_estimators.py`` measures
+  it on a problem whose expected loss is exact).
+- ``reinforce``: S samples per class from softmax(logits), the same distribution as the straight-through's hard
+  sample; the confidences get the score-function gradient (L_s - b_s) grad log p(s) with a leave-one-out
+  baseline b_s (the mean loss of the other S - 1 samples), which is unbiased. The refined boxes of the samples
+  keep their pathwise gradient through the differentiable crop.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+ESTIMATORS = ("straight_through", "reinforce")
 
 
 def straight_through_gumbel_softmax(
@@ -22,6 +38,52 @@ def straight_through_gumbel_softmax(
     soft = F.softmax((logits.float() + gumbel) / temperature, dim=-1)
     hard = F.one_hot(soft.argmax(dim=-1), logits.shape[-1]).to(soft.dtype)
     return (hard - soft.detach() + soft).to(logits.dtype)
+
+
+def sample_proposals(
+    logits: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num_samples`` independent draws per row from softmax(logits), with replacement.
+
+    Args:
+        logits: (..., N) confidence logits.
+        num_samples: S.
+
+    Returns:
+        indices (..., S) int64 and their log-probabilities (..., S) float32 (differentiable in ``logits``).
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+    log_p = F.log_softmax(logits.float(), dim=-1)
+    rows = log_p.detach().exp().reshape(-1, logits.shape[-1])
+    indices = torch.multinomial(rows, num_samples, replacement=True, generator=generator)
+    indices = indices.view(*logits.shape[:-1], num_samples)
+    return indices, log_p.gather(-1, indices)
+
+
+def leave_one_out_advantage(losses: torch.Tensor) -> torch.Tensor:
+    """L_s minus the mean loss of the other samples, over the last dim (S >= 2), without gradient."""
+    samples = losses.shape[-1]
+    if samples < 2:
+        raise ValueError("a leave-one-out baseline needs at least 2 samples per class")
+    losses = losses.detach()
+    baseline = (losses.sum(dim=-1, keepdim=True) - losses) / (samples - 1)
+    return losses - baseline
+
+
+def score_function_surrogate(losses: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+    """A zero-valued scalar whose gradient is the REINFORCE estimate of grad E[loss].
+
+    Args:
+        losses: (..., S) per-sample losses (their gradient is not used here).
+        log_probs: (..., S) log-probabilities of the samples.
+
+    Returns:
+        mean(advantage * (log p - stop_gradient(log p))): 0 in value, so a logged loss stays the loss; its
+        gradient is mean(advantage * grad log p), matching ``losses.mean()``'s normalisation.
+    """
+    advantage = leave_one_out_advantage(losses)
+    return (advantage * (log_probs - log_probs.detach())).mean()
 
 
 class GumbelProposalSelector(nn.Module):
@@ -48,3 +110,22 @@ def select_boxes(selection: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     dtype = torch.promote_types(boxes.dtype, torch.float32)
     with torch.autocast(boxes.device.type, enabled=False):
         return torch.einsum("bkn,bkno->bko", selection.to(dtype), boxes.to(dtype))
+
+
+def gather_boxes(indices: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """The boxes of sampled proposals: indices (B, K, S), boxes (B, K, N, 4) -> (B, K, S, 4), float32 at
+    least; the gradient reaches the boxes (pathwise), not the indices."""
+    dtype = torch.promote_types(boxes.dtype, torch.float32)
+    return boxes.to(dtype).gather(2, indices[..., None].expand(*indices.shape, 4))
+
+
+def proposal_pooling(proposal_logits: torch.Tensor, sharpness: float) -> torch.Tensor:
+    """Multiple-instance pooling of the N proposal confidences of each class to an image logit.
+
+    LSE with sharpness r (WSDDN-style weak supervision of every proposal): (1/r) log mean_n exp(r c(n, k)),
+    between the mean (r -> 0) and the max (r -> inf) of the confidences.
+
+    ``proposal_logits (B, K, N)`` -> (B, K) float32.
+    """
+    n = proposal_logits.shape[-1]
+    return (torch.logsumexp(sharpness * proposal_logits.float(), dim=-1) - math.log(n)) / sharpness

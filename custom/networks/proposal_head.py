@@ -257,6 +257,8 @@ class ProposalHead(nn.Module):
         hidden_channels: channels after the 3x3 conv (authors: 64).
         pooler: the proposal pooling (RoIAlign 5x5 of the fixed proposals as a cached sparse matrix by
             default; ``ProposalPooler()`` runs torchvision's ``roi_align`` instead, with the same result).
+        shared: one set of conv / confidence / box weights for all classes, applied to each class's features
+            (the authors' code) instead of one set per class.
     """
 
     def __init__(
@@ -266,10 +268,12 @@ class ProposalHead(nn.Module):
         hidden_channels: int = 64,
         leaky_slope: float = 0.1,
         pooler: nn.Module | None = None,
+        shared: bool = False,
     ):
         super().__init__()
-        k = num_classes
         self.num_classes = num_classes
+        self.shared = bool(shared)
+        k = 1 if self.shared else num_classes  # sets of weights
         self.pooler = pooler if pooler is not None else FixedProposalPooler()
         self.conv = nn.Conv2d(k * class_channels, k * hidden_channels, kernel_size=3, padding=1, groups=k)
         self.activation = nn.LeakyReLU(leaky_slope)
@@ -332,16 +336,23 @@ class ProposalHead(nn.Module):
         n = proposals.shape[0]
         b = rows // n
         gated = features.mul_(saliency) if inplace else features * saliency
-        # Channels-last storage (B*N, s, s, K*C) when the pooler gives it, which the conv keeps.
-        gated = gated.view(rows, k * c, s, s)
+        if self.shared:  # every class's features through the one conv: (B*N*K, C, s, s)
+            gated = gated.reshape(rows * k, c, s, s)
+        else:  # channels-last storage (B*N, s, s, K*C) when the pooler gives it, which the conv keeps
+            gated = gated.view(rows, k * c, s, s)
         if not torch.is_autocast_enabled(gated.device.type):  # (autocast casts for the conv itself)
             gated = gated.to(self.conv.weight.dtype)
         hidden = self.conv(gated)
         # Global max pool, then the activation: leaky ReLU is increasing, so act(max(x)) == max(act(x)) (the
         # same values; the gradient goes to the same maximum), on 25x fewer values.
         hidden = self.activation(hidden.amax(dim=(2, 3))).view(b, n, k, -1)  # (B, N, K, hidden)
-        logits = torch.einsum("bnkd,kd->bkn", hidden, self.score_weight.to(hidden.dtype))
-        deltas = torch.einsum("bnkd,kdo->bkno", hidden, self.delta_weight.to(hidden.dtype))
-        deltas = deltas + self.delta_bias[None, :, None, :].to(hidden.dtype)
+        score_weight, delta_weight, delta_bias = self.score_weight, self.delta_weight, self.delta_bias
+        if self.shared:
+            score_weight, delta_weight, delta_bias = (
+                w.expand(k, *w.shape[1:]) for w in (score_weight, delta_weight, delta_bias)
+            )
+        logits = torch.einsum("bnkd,kd->bkn", hidden, score_weight.to(hidden.dtype))
+        deltas = torch.einsum("bnkd,kdo->bkno", hidden, delta_weight.to(hidden.dtype))
+        deltas = deltas + delta_bias[None, :, None, :].to(hidden.dtype)
         refined = clip_boxes(self.box_coder.decode(deltas.float(), proposals[None, None]), image_size)
         return logits, refined

@@ -7,6 +7,8 @@
         ── GumbelProposalSelector ── one-hot selection (B, K, N) ── selected boxes (B, K, 4)
         ── BoxCrop of the input ── crops (B, K, 3, 64, 64) ── CropClassifier ── crop logits z (B, K)
     combined logits = y + z (as the authors' implementation: the crop logit is added to the image logit).
+    Beyond the paper: proposal image logits (B, K), the N confidences of each class LSE-pooled (multiple-
+    instance learning); with the ``reinforce`` estimator, S sampled proposals per class are cropped in training.
 
 Boxes are xyxy in input-image pixels throughout.
 """
@@ -16,13 +18,21 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .backbones import load_torchvision_weights
 from .crop import BoxCrop
 from .crop_classifier import CropClassifier
 from .fpn_saliency import DenseNetFPN, SaliencyHead
-from .gumbel_selection import GumbelProposalSelector, select_boxes
+from .gumbel_selection import (
+    ESTIMATORS,
+    GumbelProposalSelector,
+    gather_boxes,
+    proposal_pooling,
+    sample_proposals,
+    select_boxes,
+)
 from .lse_pooling import LSEPooling
 from .proposal_head import ProposalHead
 from .proposals import ProposalGrid
@@ -37,9 +47,12 @@ class RpSalOutput(NamedTuple):
     refined_boxes (B, K, N, 4): refined proposals, xyxy input pixels, clipped to the image.
     selection (B, K, N): one-hot proposal choice per class (straight-through gradient in training).
     selected_boxes (B, K, 4): the chosen refined box per class.
-    crop_logits (B, K): the crop classifier's z.
+    crop_logits (B, K): the crop classifier's z (with S samples: their mean).
     combined_logits (B, K): y + z.
-    The last six are None when the detection module is skipped (stage 1).
+    proposal_image_logits (B, K): the proposal confidences LSE-pooled over N (the MIL logits).
+    sample_combined_logits (B, K, S), sample_log_probs (B, K, S): y + z of each of S sampled proposals and the
+        sample's log-probability under softmax(c); only in training with the ``reinforce`` estimator.
+    All but the first two are None when the detection module is skipped (stage 1).
     """
 
     image_logits: torch.Tensor
@@ -50,6 +63,9 @@ class RpSalOutput(NamedTuple):
     selected_boxes: Optional[torch.Tensor] = None
     crop_logits: Optional[torch.Tensor] = None
     combined_logits: Optional[torch.Tensor] = None
+    proposal_image_logits: Optional[torch.Tensor] = None
+    sample_combined_logits: Optional[torch.Tensor] = None
+    sample_log_probs: Optional[torch.Tensor] = None
 
 
 class RpSalNet(nn.Module):
@@ -66,6 +82,13 @@ class RpSalNet(nn.Module):
         backbone_weights / crop_weights: optional local torchvision ImageNet state-dict files
             (densenet121 / resnet34); a missing file or mismatched keys is an error.
         temperature: initial Gumbel-Softmax temperature; a buffer, so checkpoints keep the annealed value.
+        selection_estimator: how training picks the crop and trains the confidences:
+            ``straight_through`` (the paper's one-sample straight-through Gumbel-Softmax) or ``reinforce``
+            (``num_samples`` samples per class, score-function gradient with a leave-one-out baseline; see
+            ``gumbel_selection``). Evaluation always takes the top-1 proposal.
+        num_samples: S, crops per class in training with ``reinforce`` (at least 2).
+        mil_sharpness: r of the LSE pooling of the proposal confidences to ``proposal_image_logits``.
+        shared_proposal_head: one proposal head for all classes (the authors' code) instead of one per class.
 
     ``forward(images (B, 3, H, W), with_detection=None)`` -> RpSalOutput. H and W must be multiples of 32.
     ``with_detection=None`` follows the attribute of that name (True unless a training stage turned it off).
@@ -85,14 +108,29 @@ class RpSalNet(nn.Module):
         backbone_weights: Optional[str] = None,
         crop_weights: Optional[str] = None,
         temperature: float = 1.0,
+        selection_estimator: str = "straight_through",
+        num_samples: int = 4,
+        mil_sharpness: float = 5.0,
+        shared_proposal_head: bool = False,
     ):
         super().__init__()
+        if selection_estimator not in ESTIMATORS:
+            raise ValueError(f"selection_estimator must be one of {ESTIMATORS}, got {selection_estimator!r}")
+        if selection_estimator == "reinforce" and num_samples < 2:
+            raise ValueError(f"the reinforce estimator needs num_samples >= 2 (leave-one-out), got {num_samples}")
+        if mil_sharpness <= 0:
+            raise ValueError(f"mil_sharpness must be positive, got {mil_sharpness}")
+        self.selection_estimator = selection_estimator
+        self.num_samples = int(num_samples)
+        self.mil_sharpness = float(mil_sharpness)
         self.num_classes = num_classes
         self.fpn = DenseNetFPN(backbone, fpn_channels, leaky_slope)
         self.saliency_head = SaliencyHead(num_classes, fpn_channels, class_channels, leaky_slope, shared_input_norm)
         self.lse_pooling = LSEPooling(num_classes)
         self.proposals = ProposalGrid()
-        self.proposal_head = ProposalHead(num_classes, class_channels, head_channels, leaky_slope)
+        self.proposal_head = ProposalHead(
+            num_classes, class_channels, head_channels, leaky_slope, shared=shared_proposal_head
+        )
         self.selector = GumbelProposalSelector()
         self.crop = BoxCrop(crop_size)
         self.crop_classifier = CropClassifier(num_classes, crop_backbone)
@@ -103,6 +141,13 @@ class RpSalNet(nn.Module):
             load_torchvision_weights(self.fpn.features, backbone_weights, prefix="features.")
         if crop_weights:
             load_torchvision_weights(self.crop_classifier.body, crop_weights, prefix="", ignore_prefixes=("fc.",))
+
+    def extra_repr(self) -> str:
+        # Part of the module's repr, which the training checkpoint's run signature hashes.
+        return (
+            f"selection_estimator={self.selection_estimator!r}, num_samples={self.num_samples}, "
+            f"mil_sharpness={self.mil_sharpness}"
+        )
 
     @property
     def num_proposals(self) -> int:
@@ -131,6 +176,11 @@ class RpSalNet(nn.Module):
         proposal_logits, refined_boxes = self.proposal_head(
             class_features, saliency_logits, proposals, (height, width)
         )
+        proposal_image_logits = proposal_pooling(proposal_logits, self.mil_sharpness)
+        if self.training and self.selection_estimator == "reinforce":
+            return self._sampled_detection(
+                images, image_logits, saliency_logits, proposal_logits, refined_boxes, proposal_image_logits
+            )
         # The temperature stays a device tensor: float() of it would wait for the GPU.
         selection = self.selector(proposal_logits, self.temperature)
         selected_boxes = select_boxes(selection, refined_boxes)
@@ -145,6 +195,39 @@ class RpSalNet(nn.Module):
             selected_boxes,
             crop_logits,
             combined_logits,
+            proposal_image_logits,
+        )
+
+    def _sampled_detection(
+        self, images, image_logits, saliency_logits, proposal_logits, refined_boxes, proposal_image_logits
+    ) -> RpSalOutput:
+        """Training with the ``reinforce`` estimator: S proposals sampled per class, each cropped and classified.
+
+        The crops are of the sampled refined boxes (B, K, S, 4), so the box deltas learn pathwise; the
+        confidences learn from the loss of each sample through ``sample_log_probs`` (``custom.losses``).
+        ``selection`` / ``selected_boxes`` report the first sample.
+        """
+        b, k, n = proposal_logits.shape
+        s = self.num_samples
+        indices, log_probs = sample_proposals(proposal_logits, s)  # (B, K, S) each
+        sample_boxes = gather_boxes(indices, refined_boxes)  # (B, K, S, 4)
+        crops = self.crop(images, sample_boxes.reshape(b, k * s, 4))  # (B, K*S, 3, ch, cw)
+        sample_crop_logits = self.crop_classifier(crops.view(b, k, s, *crops.shape[2:]))  # (B, K, S)
+        sample_combined = image_logits[..., None] + sample_crop_logits.to(image_logits.dtype)
+        crop_logits = sample_crop_logits.mean(dim=-1)
+        selection = F.one_hot(indices[..., 0], n).to(proposal_logits.dtype)
+        return RpSalOutput(
+            image_logits,
+            saliency_logits,
+            proposal_logits,
+            refined_boxes,
+            selection,
+            sample_boxes[:, :, 0],
+            crop_logits,
+            image_logits + crop_logits.to(image_logits.dtype),
+            proposal_image_logits,
+            sample_combined,
+            log_probs,
         )
 
 
