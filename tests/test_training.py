@@ -97,7 +97,9 @@ def test_nan_loss_stops_with_stage_epoch_iteration_and_keeps_the_good_checkpoint
     good = write_overrides(tmp_path, tiny_phantom, epochs=(1, 0, 0))
     assert run_bundle([*CONFIGS, str(good)]).returncode == 0
     before = (tmp_path / "models" / "last.pt").read_bytes()
-    bad = write_overrides(tmp_path, tiny_phantom, epochs=(1, 1, 0), **{"loss#scale": "$float('nan')"})
+    # Resuming the good run under a changed loss on purpose (the run signature would refuse it otherwise).
+    bad = write_overrides(tmp_path, tiny_phantom, epochs=(1, 1, 0), allow_config_change=True,
+                          **{"loss#scale": "$float('nan')"})
     result = run_bundle([*CONFIGS, str(bad)])
     assert result.returncode != 0
     output = result.stdout + result.stderr

@@ -8,6 +8,8 @@ the best-metric tracker) and the random number generators' states.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import random
@@ -81,19 +83,44 @@ def remove_stale_temporary_files(folder: str) -> list[str]:
             continue
         removed.append(path.name)
     return removed
-    for name in sorted(os.listdir(folder)):
-        match = _TEMPORARY_CHECKPOINT.match(name)
-        if not match:
-            continue
-        pid = int(match.group("pid") or match.group("oldpid"))
-        if pid == os.getpid() or _process_alive(pid):
-            continue
-        try:
-            os.remove(os.path.join(folder, name))
-        except FileNotFoundError:
-            continue
-        removed.append(name)
-    return removed
+
+
+def _plain(value):
+    """A JSON-able, run-independent description of a config value (no object addresses)."""
+    if isinstance(value, torch.nn.Module):
+        return repr(value)
+    if isinstance(value, torch.optim.Optimizer):
+        return {
+            "optimizer": type(value).__name__,
+            "groups": [
+                {**{k: _plain(v) for k, v in group.items() if k != "params"}, "parameters": len(group["params"])}
+                for group in value.param_groups
+            ],
+        }
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    text = str(value)
+    return type(value).__name__ if " at 0x" in text else text
+
+
+def run_signature_text(signature: Mapping) -> str:
+    """The canonical text of a run signature (what defines a training run: network, optimiser, loss, stages,
+    data, seed); its SHA-256 goes into every checkpoint."""
+    return json.dumps(_plain(signature), sort_keys=True)
+
+
+def _text_tensor(text: str) -> torch.Tensor:
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
+
+
+def _tensor_text(tensor: torch.Tensor) -> str:
+    return bytes(tensor.tolist()).decode("utf-8")
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -139,6 +166,11 @@ class TrainingCheckpoint:
         resume: continue from ``last.pt`` when it exists (the default: rerunning the same command resumes).
         every_n_iterations: also save every n iterations (0: only at the end of each epoch).
         guard: a NonFiniteLossGuard checked before every save.
+        run_signature: what defines the run (train.yaml's ``run_signature``: network, optimiser, loss,
+            stages, temperature, data, seed). Its text and SHA-256 are saved; resuming from a checkpoint
+            written under another signature is refused, naming what differs, unless ``allow_config_change``.
+        allow_config_change: continue from a checkpoint of a differently configured run on purpose (e.g. a
+            stage-1 model branched into several stage-2 settings); logged.
     """
 
     def __init__(
@@ -152,6 +184,8 @@ class TrainingCheckpoint:
         every_n_iterations: int = 0,
         filename: str = "last.pt",
         guard=None,
+        run_signature: Mapping | None = None,
+        allow_config_change: bool = False,
     ):
         self.path = os.path.join(ckpt_dir, filename)
         self.network = network
@@ -161,6 +195,14 @@ class TrainingCheckpoint:
         self.resume = resume
         self.every_n_iterations = int(every_n_iterations)
         self.guard = guard
+        self.signature_text = run_signature_text(run_signature) if run_signature is not None else None
+        self.allow_config_change = bool(allow_config_change)
+
+    @property
+    def signature_digest(self) -> str | None:
+        if self.signature_text is None:
+            return None
+        return hashlib.sha256(self.signature_text.encode("utf-8")).hexdigest()
 
     def attach(self, engine: Engine) -> None:
         # STARTED fires before the first EPOCH_STARTED, so the stage schedule sees the resumed counters.
@@ -183,6 +225,9 @@ class TrainingCheckpoint:
             },
             "extra": {name: obj.state_dict() for name, obj in self.extra.items()},
             "rng": rng_state(),
+            "run_signature": {}
+            if self.signature_text is None
+            else {"text": _text_tensor(self.signature_text), "sha256": _text_tensor(self.signature_digest)},
         }
 
     def save(self, engine: Engine) -> None:
@@ -205,6 +250,7 @@ class TrainingCheckpoint:
             raise CheckpointFileError(
                 f"{error}. To start over, move it away or run with --resume False"
             ) from error
+        self.check_signature(checkpoint.get("run_signature") or {})
         unwrap(self.network).load_state_dict(checkpoint["network"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.lr_scheduler is not None and checkpoint["lr_scheduler"]:
@@ -225,4 +271,26 @@ class TrainingCheckpoint:
         logger.info(
             f"resumed from {self.path}: stage {int(trainer['stage'])}, epoch {engine.state.epoch}, "
             f"iteration {engine.state.iteration}, temperature {float(trainer['temperature']):.4g}"
+        )
+
+    def check_signature(self, saved: Mapping[str, torch.Tensor]) -> None:
+        """Refuse (RuntimeError) to continue a checkpoint written under a different run signature."""
+        if self.signature_text is None:
+            return
+        if "sha256" not in saved:
+            logger.warning(f"{self.path} holds no run signature (written before signatures were kept); "
+                           "continuing from it without checking its configuration")
+            return
+        if _tensor_text(saved["sha256"]) == self.signature_digest:
+            return
+        old, new = json.loads(_tensor_text(saved["text"])), json.loads(self.signature_text)
+        differ = sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
+        if self.allow_config_change:
+            logger.warning(f"continuing from {self.path}, written under another configuration (differs in: "
+                           f"{', '.join(differ)}), as allow_config_change asks")
+            return
+        raise RuntimeError(
+            f"{self.path} was written by a run with a different configuration (differs in: {', '.join(differ)}); "
+            "resuming would silently continue another run. Use another ckpt_dir, move the checkpoint away or "
+            "run with --resume False to start over, or --allow_config_change True to continue from it on purpose"
         )

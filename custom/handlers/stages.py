@@ -18,6 +18,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 TRAIN_MODES = ("all", "batchnorm", "none")
+BATCHNORM_STATISTICS = ("update", "frozen")
 
 
 def unwrap(network: nn.Module) -> nn.Module:
@@ -50,6 +51,48 @@ def set_trainable(module: nn.Module, mode: str) -> None:
                     parameter.requires_grad_(True)
 
 
+def optimizer_parameter_groups(network: nn.Module, settings: Mapping[str, Mapping] | None = None) -> list[dict]:
+    """Parameter groups for the optimiser: one per group of ``parameter_groups`` named in ``settings`` (with
+    those settings, e.g. ``{"proposal_head": {"lr_scale": 0.1, "eps": 0.1}}``), the rest in one default group.
+
+    ``lr_scale`` multiplies each stage's lr (``StageSchedule`` keeps it); other keys are the optimiser's own
+    (eps, weight_decay, betas, ...). Every parameter is in exactly one group.
+    """
+    settings = dict(settings or {})
+    groups = parameter_groups(network)
+    unknown = set(settings) - set(groups)
+    if unknown:
+        raise ValueError(f"optimiser settings name unknown parameter groups {sorted(unknown)}; known: {sorted(groups)}")
+    claimed: set[int] = set()
+    result = []
+    for name, options in settings.items():
+        params = [p for p in groups[name].parameters() if id(p) not in claimed]
+        claimed.update(id(p) for p in params)
+        result.append({"params": params, "name": name, **dict(options)})
+    rest = [p for p in unwrap(network).parameters() if id(p) not in claimed]
+    return [{"params": rest, "name": "default"}, *result]
+
+
+def batchnorm_layers(module: nn.Module) -> list[nn.Module]:
+    return [child for child in module.modules() if isinstance(child, nn.modules.batchnorm._BatchNorm)]
+
+
+def keep_batchnorm_statistics(network: nn.Module, layers: Sequence[nn.Module]):
+    """Make ``layers`` (BatchNorm) normalise with, and keep, their running statistics while the network
+    trains: the trainer calls ``network.train()`` every iteration, so a forward pre-hook on the network sets
+    them back to evaluation behaviour before each forward (also where a layer is applied functionally, as the
+    saliency head's tiled BN is). Returns the hook handle (``remove()`` undoes it), or None for no layers."""
+    layers = list(layers)
+    if not layers:
+        return None
+
+    def set_layers_to_eval(_module, _inputs) -> None:
+        for layer in layers:
+            layer.training = False
+
+    return unwrap(network).register_forward_pre_hook(set_layers_to_eval)
+
+
 class StageSchedule:
     """Configures each epoch for its training stage and anneals the Gumbel-Softmax temperature.
 
@@ -59,7 +102,9 @@ class StageSchedule:
         loss: RpSalLoss (its ``set_stage`` is called).
         stages: one mapping per stage, in order: ``epochs``, ``lr``, ``detection`` (run the detection
             module), ``train`` ({group: "all" | "batchnorm" | "none"} for the groups of ``parameter_groups``;
-            groups not named are frozen).
+            groups not named are frozen), and optionally ``batchnorm_statistics`` ({group: "update" |
+            "frozen"}; groups not named update their running statistics in train mode, as PyTorch does).
+            Each optimiser parameter group's lr is the stage lr times the group's ``lr_scale`` (default 1).
         temperature_start, temperature_end: the temperature is annealed exponentially from start to end,
             per iteration, over the stages listed in ``anneal_stages`` (paper: 1 -> 0.001 over stages 2 and 3).
         reset_optimizer_state: clear Adam's moments when a new stage starts (each stage is a new optimisation
@@ -92,6 +137,7 @@ class StageSchedule:
         self.anneal_stages = tuple(anneal_stages)
         self.reset_optimizer_state = reset_optimizer_state
         self.engine: Engine | None = None  # the trainer, once attached (read by the validation handlers)
+        self._statistics_hook = None
         self.first_epochs = []  # first epoch (1-based) of each stage
         epoch = 1
         for stage in self.stages:
@@ -133,12 +179,26 @@ class StageSchedule:
         unknown = set(stage["train"]) - set(groups)
         if unknown:
             raise ValueError(f"training stage {number} names unknown parameter groups {sorted(unknown)}")
+        statistics = dict(stage.get("batchnorm_statistics") or {})
+        unknown = set(statistics) - set(groups)
+        if unknown:
+            raise ValueError(f"training stage {number} names unknown batchnorm groups {sorted(unknown)}")
         for name, module in groups.items():
             set_trainable(module, stage["train"].get(name, "none"))
+        for name, policy in statistics.items():
+            if policy not in BATCHNORM_STATISTICS:
+                raise ValueError(f"training stage {number}: batchnorm statistics of {name} must be one of "
+                                 f"{BATCHNORM_STATISTICS}, got {policy!r}")
+        if self._statistics_hook is not None:
+            self._statistics_hook.remove()
+        self._statistics_hook = keep_batchnorm_statistics(
+            self.network,
+            [layer for name, policy in statistics.items() if policy == "frozen" for layer in batchnorm_layers(groups[name])],
+        )
         unwrap(self.network).with_detection = bool(stage["detection"])
         self.loss.set_stage(number)
         for group in self.optimizer.param_groups:
-            group["lr"] = float(stage["lr"])
+            group["lr"] = float(stage["lr"]) * float(group.get("lr_scale", 1.0))
         if entering and self.reset_optimizer_state and number > 1:
             self.optimizer.state.clear()
         engine.state.stage = number
