@@ -265,14 +265,17 @@ def table3_curve(outputs: EvaluationOutputs, result: EvaluationResult) -> Table:
 
 
 def localisation_summary_json(outputs: EvaluationOutputs, result: EvaluationResult) -> dict:
-    """Per protocol and method: per-class (and mean) IoU and T(IoU >= 0.5); and the held-out check of Mix
+    """Per protocol and method: per-class (and mean) IoU, T(IoU >= 0.3) and T(IoU >= 0.5); and the held-out check of Mix
     against the prior, class by class."""
     summary = {}
     for protocol in PROTOCOLS:
         summary[protocol] = {}
         for method in (*MAP_NAMES, "prior", *(["prior_other_fold"] if protocol == "two_fold" else [])):
             table = result.localisation(protocol, method)
-            summary[protocol][method] = {"iou": table["iou"], "t_iou_0.5": table["t_iou"]["0.5"]}
+            summary[protocol][method] = {
+                "iou": table["iou"],
+                **{f"t_iou_{k}": table["t_iou"][k] for k in ("0.3", "0.5") if k in table["t_iou"]},
+            }
     mix = summary["two_fold"]["mix"]["iou"]
     prior = summary["two_fold"]["prior"]["iou"]
     summary["held_out_mix_vs_prior"] = {
