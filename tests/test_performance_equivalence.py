@@ -356,7 +356,9 @@ def test_network_with_the_fast_pooler_equals_torchvision_roi_align():
     with torch.no_grad():
         got, want = fast(images), reference(images)
     for name, a, b in zip(got._fields, got, want):
-        assert torch.allclose(a, b, atol=1e-4, rtol=0), name
+        assert (a is None) == (b is None), name  # the reinforce-only fields are None in eval mode
+        if a is not None:
+            assert torch.allclose(a, b, atol=1e-4, rtol=0), name
 
 
 def test_training_step_makes_no_host_synchronisation(monkeypatch):
