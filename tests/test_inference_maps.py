@@ -20,13 +20,17 @@ from custom.inference.boxes import (
 from custom.inference.maps import detection_map, minmax_scale, mix_map, rpsal_maps, saliency_map
 
 
-def naive_detection_map(logits, boxes, input_size, grid_size, weighting, normalize):
+def naive_detection_map(logits, boxes, input_size, grid_size, weighting, normalize, sharpness=1.0):
     """One proposal at a time: weight every map pixel whose centre lies in [x0, x1) x [y0, y1)."""
     (input_h, input_w), (grid_h, grid_w) = input_size, grid_size
     centre_y = (np.arange(grid_h) + 0.5) * input_h / grid_h
     centre_x = (np.arange(grid_w) + 0.5) * input_w / grid_w
     logits, boxes = logits.double().numpy(), boxes.double().numpy()
-    weights = 1 / (1 + np.exp(-logits)) if weighting == "sigmoid" else logits
+    if weighting == "softmax":
+        weights = np.exp(sharpness * logits)
+        normalize = True  # softmax: exp(r c) over its sum
+    else:
+        weights = 1 / (1 + np.exp(-logits)) if weighting == "sigmoid" else logits
     batch, classes, proposals = logits.shape
     out = np.zeros((batch, classes, grid_h, grid_w))
     for b in range(batch):
@@ -77,15 +81,16 @@ def test_box_masks_paint_thin_boxes_on_one_pixel_only_when_asked():
 
 # ---- maps --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("weighting, normalize",
-                         [("sigmoid", True), ("sigmoid", False), ("raw", False)])
-def test_detection_map_equals_a_loop_over_proposals(weighting, normalize):
+@pytest.mark.parametrize("weighting, normalize, sharpness",
+                         [("sigmoid", True, 1.0), ("sigmoid", False, 1.0), ("raw", False, 1.0),
+                          ("softmax", True, 5.0), ("softmax", False, 0.5)])
+def test_detection_map_equals_a_loop_over_proposals(weighting, normalize, sharpness):
     generator = torch.Generator().manual_seed(0)
     input_size, grid_size = (40, 56), (10, 14)  # non-square, 4 input px per map px
     logits = 3 * torch.randn(2, 3, 25, generator=generator)
     boxes = random_boxes(generator, (2, 3, 25), input_size)
-    det = detection_map(logits, boxes, input_size, grid_size, weighting, normalize)
-    reference = naive_detection_map(logits, boxes, input_size, grid_size, weighting, normalize)
+    det = detection_map(logits, boxes, input_size, grid_size, weighting, normalize, sharpness)
+    reference = naive_detection_map(logits, boxes, input_size, grid_size, weighting, normalize, sharpness)
     assert det.shape == (2, 3, 10, 14) and det.dtype == torch.float32
     # Float64 accumulation: the only difference is the float32 rounding of the output.
     np.testing.assert_allclose(det.numpy(), reference, rtol=1e-6, atol=1e-5)
@@ -117,7 +122,24 @@ def test_detection_map_rejects_normalised_raw_weights_and_bad_shapes():
     with pytest.raises(ValueError, match="refined_boxes"):
         detection_map(logits, boxes[..., :3], 64, 16)
     with pytest.raises(ValueError, match="weighting"):
-        detection_map(logits, boxes, 64, 16, weighting="softmax")
+        detection_map(logits, boxes, 64, 16, weighting="softmin")
+    for sharpness in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="sharpness"):
+            detection_map(logits, boxes, 64, 16, weighting="softmax", sharpness=sharpness)
+
+
+def test_softmax_det_follows_the_strongest_proposal_where_sigmoid_washes_it_out():
+    """Many weak proposals over the whole image and one strong one: the sigmoid-weighted average keeps the whole
+    image near its maximum (the weak ones still weigh sigmoid(-2) each), the softmax weighting does not."""
+    boxes = torch.tensor([[0.0, 0.0, 64.0, 64.0]]).repeat(50, 1)
+    boxes[0] = torch.tensor([8.0, 8.0, 24.0, 24.0])
+    logits = torch.full((1, 1, 50), -2.0)
+    logits[0, 0, 0] = 4.0
+    sigmoid = detection_map(logits, boxes[None, None], 64, 16, "sigmoid", True)[0, 0]
+    softmax = detection_map(logits, boxes[None, None], 64, 16, "softmax", True, sharpness=5.0)[0, 0]
+    inside, outside = (4, 4), (12, 12)
+    assert sigmoid[outside] / sigmoid[inside] > 0.85
+    assert softmax[outside] / softmax[inside] < 0.01
 
 
 def test_minmax_scale_and_mix():

@@ -194,3 +194,37 @@ def test_invalid_estimator_settings_are_clear_errors():
         _tiny(selection_estimator="reinforce", num_samples=1)
     with pytest.raises(ValueError, match="mil_sharpness"):
         _tiny(mil_sharpness=0)
+
+
+def test_mean_and_contrast_reductions_prefer_a_box_tight_around_the_evidence():
+    from custom.networks.proposal_head import ProposalHead
+
+    torch.manual_seed(0)
+    # One class, evidence in an 8 x 8-cell square of a 16 x 16 feature map (64-px input); proposals: that square,
+    # the whole image (same maximum, diluted mean), a box inside the square (same mean, no edges in common),
+    # a box twice the square's side.
+    features = torch.zeros(1, 1, 2, 16, 16)
+    features[..., 4:12, 4:12] = 1.0
+    saliency = torch.full((1, 1, 16, 16), 10.0)
+    proposals = torch.tensor([[16.0, 16.0, 48.0, 48.0], [0.0, 0.0, 64.0, 64.0], [20.0, 20.0, 44.0, 44.0],
+                              [8.0, 8.0, 56.0, 56.0]])
+    scores = {}
+    for reduction in ("max", "mean", "contrast"):
+        head = ProposalHead(num_classes=1, class_channels=2, hidden_channels=3, reduction=reduction)
+        with torch.no_grad():
+            head.conv.weight.zero_()
+            head.conv.weight[:, :, 1, 1] = 0.1  # the centre tap only: each RoI bin scored by itself
+            head.conv.bias.zero_()
+            head.score_weight.fill_(1.0)
+        logits, _ = head(features, saliency, proposals, (64, 64))
+        scores[reduction] = logits[0, 0]
+    assert torch.allclose(scores["max"][0], scores["max"][1])  # max cannot tell the boxes apart
+    assert scores["mean"][0] > scores["mean"][1] + 0.1
+    assert scores["mean"][2] > scores["mean"][0] - 0.03  # mean cannot tell it from the inner box
+    # contrast: the box whose edges are the evidence's beats the inner, the larger and the whole-image box
+    assert scores["contrast"][0] > scores["contrast"][2:].max() + 0.05 and scores["contrast"][0] > 0.2
+    assert scores["contrast"][1] == 0  # a box whose context is itself (clipped to the image) has no contrast
+    with pytest.raises(ValueError, match="reduction"):
+        ProposalHead(num_classes=1, class_channels=2, hidden_channels=3, reduction="sum")
+    with pytest.raises(ValueError, match="context_scale"):
+        ProposalHead(num_classes=1, class_channels=2, hidden_channels=3, reduction="contrast", context_scale=1)

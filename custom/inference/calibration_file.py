@@ -54,7 +54,7 @@ class Calibration:
             quantiles in [0, 1] for ``mode="percentile"``, map values for ``"absolute"``.
         decision_thresholds: {"image" | "combined": {class: probability}}; missing class: the default.
         mode, component, connectivity: how box thresholds are applied (``custom.inference.boxes``).
-        weighting, normalize: Det map weighting (``custom.inference.maps.detection_map``).
+        weighting, normalize, sharpness: Det map weighting (``custom.inference.maps.detection_map``).
         default_box_threshold, default_decision_threshold: used where no calibrated value exists.
         source: the file read, or None for defaults only.
         details: everything else the file holds (both protocols' thresholds, summaries), kept as read.
@@ -68,6 +68,7 @@ class Calibration:
     connectivity: int = 8
     weighting: str = "sigmoid"
     normalize: bool = True
+    sharpness: float = 1.0
     default_box_threshold: float = DEFAULT_BOX_THRESHOLD
     default_decision_threshold: float = DEFAULT_DECISION_THRESHOLD
     source: str | None = None
@@ -86,6 +87,10 @@ class Calibration:
             raise ValueError(f"{where}: normalize must be true or false, got {self.normalize!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"{where}: weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if isinstance(self.sharpness, bool) or not isinstance(self.sharpness, (int, float)) or not (
+            math.isfinite(self.sharpness) and self.sharpness > 0
+        ):
+            raise ValueError(f"{where}: sharpness must be a positive number, got {self.sharpness!r}")
         for group, name_set in (("box_thresholds", MAP_NAMES), ("decision_thresholds", LOGITS)):
             for key, values in getattr(self, group).items():
                 if key not in name_set:
@@ -135,7 +140,8 @@ class Calibration:
             {
                 "format_version": FORMAT_VERSION,
                 "class_names": list(self.class_names),
-                "maps": {"weighting": self.weighting, "normalize": self.normalize},
+                "maps": {"weighting": self.weighting, "normalize": self.normalize,
+                         "sharpness": self.sharpness},
                 "box_rule": {
                     "mode": self.mode,
                     "component": self.component,
@@ -181,6 +187,8 @@ def calibration_from_json(content: Mapping, source: str | None = None) -> Calibr
             connectivity=int(rule["connectivity"]),
             weighting=maps["weighting"],
             normalize=bool(maps["normalize"]),
+            # Files written before the softmax weighting have no sharpness (it did not apply then).
+            sharpness=maps.get("sharpness", 1.0),
             default_box_threshold=float(rule["default_threshold"]),
             default_decision_threshold=float(content["default_decision_threshold"]),
             source=source,

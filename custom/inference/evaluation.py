@@ -59,7 +59,7 @@ class EvaluationOutputs:
     original_sizes: (B, 2) float64 (H, W) of the box images.
     gt_image: (M,) int64 index in B; gt_class: (M,) int64 index in C; gt_boxes: (M, 4) float64 xyxy in
         ORIGINAL image pixels.
-    input_size: S; weighting, normalize: how Det was painted; class_names: the K classes.
+    input_size: S; weighting, normalize, sharpness: how Det was painted; class_names: the K classes.
     """
 
     test_image_logits: np.ndarray
@@ -82,6 +82,7 @@ class EvaluationOutputs:
     weighting: str = "sigmoid"
     normalize: bool = True
     class_names: tuple[str, ...] = CLASS_NAMES
+    sharpness: float = 1.0
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write every field to one ``.pt`` file (tensors and plain containers: loads with weights_only)."""
@@ -111,6 +112,8 @@ class EvaluationOutputs:
         values = {}
         for item in fields(cls):
             if item.name not in content:
+                if item.name == "sharpness":  # files written before the softmax weighting
+                    continue
                 raise ValueError(f"{path}: missing field {item.name!r}")
             value = content[item.name]
             if isinstance(value, torch.Tensor):
@@ -174,6 +177,7 @@ def collect_outputs(
     normalize: bool = True,
     inferer: Callable | None = None,
     class_names: Sequence[str] = CLASS_NAMES,
+    sharpness: float = 1.0,
 ) -> EvaluationOutputs:
     """Run the network over the test and validation loaders and keep logits, labels and box-image maps.
 
@@ -184,7 +188,7 @@ def collect_outputs(
         test_items: the test split's datalist items (``boxes`` xyxy in original pixels, ``box_labels``,
             ``patient_id``, ``original_size``), indexed by the loader's ``index``.
         device: the network's device (default: its parameters'); amp: bf16 autocast on CUDA.
-        weighting, normalize: Det map painting (``custom.inference.maps.detection_map``).
+        weighting, normalize, sharpness: Det map painting (``custom.inference.maps.detection_map``).
         inferer: optional MONAI inferer.
 
     Returns:
@@ -213,6 +217,7 @@ def collect_outputs(
             input_size,
             weighting,
             normalize,
+            sharpness,
         )
         for name, values in batch_maps.items():
             for row, value in zip(rows, values.cpu().numpy()):
@@ -259,4 +264,5 @@ def collect_outputs(
         weighting=weighting,
         normalize=normalize,
         class_names=tuple(class_names),
+        sharpness=float(sharpness),
     )

@@ -151,6 +151,7 @@ def predict_from_outputs(
         input_size,
         calibration.weighting,
         calibration.normalize,
+        calibration.sharpness,
     )
     maps = {name: value.cpu() for name, value in maps.items()}
     chosen_map = maps[map_name]

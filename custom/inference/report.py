@@ -349,7 +349,9 @@ def write_report(
     lines += [
         f"- box rule: {result.settings['mode']} thresholds, component `{result.settings['component']}`, "
         f"connectivity {result.settings['connectivity']}; Det weighting `{outputs.weighting}`"
-        f"{' (normalised)' if outputs.normalize else ''}; two-fold seed {result.settings['seed']}",
+        f"{' (normalised)' if outputs.normalize and outputs.weighting != 'softmax' else ''}"
+        f"{f', sharpness {outputs.sharpness:g}' if outputs.weighting == 'softmax' else ''}; "
+        f"two-fold seed {result.settings['seed']}",
         "",
         "Every localisation number names its protocol:",
         "",

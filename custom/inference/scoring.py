@@ -244,6 +244,7 @@ def build_calibration(
         connectivity=int(settings["connectivity"]),
         weighting=outputs.weighting,
         normalize=bool(outputs.normalize),
+        sharpness=float(outputs.sharpness),
         default_box_threshold=float(default_box_threshold),
         default_decision_threshold=float(default_decision_threshold),
         details=details,

@@ -101,7 +101,7 @@ class RpSalEvaluation:
         test_items: the test split's datalist items (boxes, patients, sizes), indexed by ``index``.
         report_dir: the report folder; calibration_file: written for inference (None: not written).
         device, amp, inferer: how the network runs (amp: bf16 autocast on CUDA).
-        weighting, normalize: Det map painting.
+        weighting, normalize, sharpness: Det map painting (``custom.inference.maps.detection_map``).
         save_outputs: also write ``<report_dir>/evaluation_outputs.pt``
             (the maps and logits, for ``scripts/evaluate_report.py``).
         Other arguments: as ``evaluate_and_report``.
@@ -121,6 +121,7 @@ class RpSalEvaluation:
         inferer: Callable | None = None,
         weighting: str = "sigmoid",
         normalize: bool = True,
+        sharpness: float = 1.0,
         candidates: Sequence[float] | None = None,
         mode: str = "percentile",
         component: str = "largest",
@@ -141,7 +142,7 @@ class RpSalEvaluation:
         self.calibration_file = calibration_file
         require_booleans(amp=amp, normalize=normalize, save_outputs=save_outputs)
         self.device, self.amp, self.inferer = device, amp, inferer
-        self.weighting, self.normalize = weighting, normalize
+        self.weighting, self.normalize, self.sharpness = weighting, normalize, float(sharpness)
         self.save_outputs = save_outputs
         self.scoring = dict(
             candidates=candidates,
@@ -170,6 +171,7 @@ class RpSalEvaluation:
             self.weighting,
             self.normalize,
             self.inferer,
+            sharpness=self.sharpness,
         )
         logger.info(
             f"network outputs: {len(outputs.test_labels)} test, {len(outputs.validation_labels)} "

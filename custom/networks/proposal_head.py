@@ -20,6 +20,10 @@ from torchvision.ops import roi_align
 from .box_coder import BoxCoder, clip_boxes
 
 
+# How a proposal's pooled conv output becomes one vector (``ProposalHead``).
+REDUCTIONS = ("max", "mean", "contrast")
+
+
 class ProposalPooler(nn.Module):
     """RoIAlign of the same N boxes on every image of the batch.
 
@@ -259,6 +263,14 @@ class ProposalHead(nn.Module):
             default; ``ProposalPooler()`` runs torchvision's ``roi_align`` instead, with the same result).
         shared: one set of conv / confidence / box weights for all classes, applied to each class's features
             (the authors' code) instead of one set per class.
+        reduction: how the s x s conv output of a proposal is reduced to one vector: ``max`` (the authors'
+            global max pooling), ``mean`` (beyond the paper: a box's evidence averaged over its area, so a
+            box tight around a finding outscores a larger box holding the same maximum) or ``contrast``
+            (beyond the paper: the mean over the box minus the mean over its context, the box enlarged
+            ``context_scale`` times about its centre; the additive contrast of ContextLocNet, Kantorov et
+            al., ECCV 2016). A box inside a larger finding then scores low too, so the best-scoring box is
+            the one whose edges follow the finding's. The box deltas read the box's own mean.
+        context_scale: side of the context box over the proposal's side (``contrast`` only).
     """
 
     def __init__(
@@ -269,10 +281,19 @@ class ProposalHead(nn.Module):
         leaky_slope: float = 0.1,
         pooler: nn.Module | None = None,
         shared: bool = False,
+        reduction: str = "max",
+        context_scale: float = 1.8,
     ):
         super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if not context_scale > 1:
+            raise ValueError(f"context_scale must be above 1, got {context_scale!r}")
         self.num_classes = num_classes
         self.shared = bool(shared)
+        self.reduction = reduction
+        self.context_scale = float(context_scale)
+        self._context_cache: tuple | None = None
         k = 1 if self.shared else num_classes  # sets of weights
         self.pooler = pooler if pooler is not None else FixedProposalPooler()
         self.conv = nn.Conv2d(k * class_channels, k * hidden_channels, kernel_size=3, padding=1, groups=k)
@@ -288,6 +309,26 @@ class ProposalHead(nn.Module):
         nn.init.normal_(self.score_weight, mean=0.01, std=0.01)
         self.box_coder = BoxCoder()
 
+    def extra_repr(self) -> str:
+        context = f", context_scale={self.context_scale}" if self.reduction == "contrast" else ""
+        return f"shared={self.shared}, reduction={self.reduction!r}{context}"
+
+    def pooled_boxes(self, proposals: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        """The boxes to pool: the N proposals, then (``contrast``) their N context boxes -> (N or 2N, 4)."""
+        if self.reduction != "contrast":
+            return proposals
+        # The same tensor back for the same (unmodified) proposals, so the pooler's matrix cache knows it
+        # without comparing values (which would wait for the GPU).
+        cached = self._context_cache
+        if cached is not None and cached[0] is proposals and cached[1] == (proposals._version, tuple(image_size)):
+            return cached[2]
+        centre = (proposals[:, :2] + proposals[:, 2:]) / 2
+        half = (proposals[:, 2:] - proposals[:, :2]) * (self.context_scale / 2)
+        context = clip_boxes(torch.cat([centre - half, centre + half], dim=1), image_size)
+        boxes = torch.cat([proposals, context])
+        self._context_cache = (proposals, (proposals._version, tuple(image_size)), boxes)
+        return boxes
+
     def forward(
         self,
         class_features: torch.Tensor,
@@ -297,7 +338,8 @@ class ProposalHead(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """class features (B, K, C, h, w), saliency logits (B, K, h, w), proposals (N, 4) xyxy input pixels,
         image_size (H, W) -> proposal logits (B, K, N), refined boxes (B, K, N, 4) xyxy input pixels."""
-        features, saliency = self.pool(class_features, saliency_logits, proposals, image_size)
+        features, saliency = self.pool(class_features, saliency_logits, self.pooled_boxes(proposals, image_size),
+                                       image_size)
         # The pooled tensors are fresh: without autograd they can be gated in place.
         needs_grad = torch.is_grad_enabled() and (features.requires_grad or saliency.requires_grad)
         return self.score(features, saliency, proposals, image_size, inplace=not needs_grad)
@@ -327,14 +369,16 @@ class ProposalHead(nn.Module):
         image_size: tuple[int, int],
         inplace: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pooled features and saliency (``pool``) -> proposal logits (B, K, N), refined boxes (B, K, N, 4).
+        """Pooled features and saliency (``pool`` of ``pooled_boxes``: M = N or 2N boxes per image)
+        -> proposal logits (B, K, N), refined boxes (B, K, N, 4).
 
         ``inplace`` gates ``features`` in place (overwriting it), saving a (B*N, K*C, s, s) allocation; only
         without autograd.
         """
         rows, k, c, s, _ = features.shape
         n = proposals.shape[0]
-        b = rows // n
+        m = 2 * n if self.reduction == "contrast" else n  # boxes pooled per image
+        b = rows // m
         gated = features.mul_(saliency) if inplace else features * saliency
         if self.shared:  # every class's features through the one conv: (B*N*K, C, s, s)
             gated = gated.reshape(rows * k, c, s, s)
@@ -343,15 +387,23 @@ class ProposalHead(nn.Module):
         if not torch.is_autocast_enabled(gated.device.type):  # (autocast casts for the conv itself)
             gated = gated.to(self.conv.weight.dtype)
         hidden = self.conv(gated)
-        # Global max pool, then the activation: leaky ReLU is increasing, so act(max(x)) == max(act(x)) (the
-        # same values; the gradient goes to the same maximum), on 25x fewer values.
-        hidden = self.activation(hidden.amax(dim=(2, 3))).view(b, n, k, -1)  # (B, N, K, hidden)
+        if self.reduction == "max":
+            # Global max pool, then the activation: leaky ReLU is increasing, so act(max(x)) == max(act(x))
+            # (the same values; the gradient goes to the same maximum), on 25x fewer values.
+            hidden = self.activation(hidden.amax(dim=(2, 3)))
+        else:
+            hidden = self.activation(hidden).mean(dim=(2, 3))
+        pooled = hidden.view(b, m, k, -1)  # (B, M, K, hidden)
+        evidence = hidden = pooled[:, :n]  # (B, N, K, hidden): each proposal's own mean or max
+        context = pooled[:, n:]
+        if self.reduction == "contrast":
+            evidence = hidden - context
         score_weight, delta_weight, delta_bias = self.score_weight, self.delta_weight, self.delta_bias
         if self.shared:
             score_weight, delta_weight, delta_bias = (
                 w.expand(k, *w.shape[1:]) for w in (score_weight, delta_weight, delta_bias)
             )
-        logits = torch.einsum("bnkd,kd->bkn", hidden, score_weight.to(hidden.dtype))
+        logits = torch.einsum("bnkd,kd->bkn", evidence, score_weight.to(hidden.dtype))
         deltas = torch.einsum("bnkd,kdo->bkno", hidden, delta_weight.to(hidden.dtype))
         deltas = deltas + delta_bias[None, :, None, :].to(hidden.dtype)
         refined = clip_boxes(self.box_coder.decode(deltas.float(), proposals[None, None]), image_size)

@@ -89,6 +89,8 @@ class RpSalNet(nn.Module):
         num_samples: S, crops per class in training with ``reinforce`` (at least 2).
         mil_sharpness: r of the LSE pooling of the proposal confidences to ``proposal_image_logits``.
         shared_proposal_head: one proposal head for all classes (the authors' code) instead of one per class.
+        proposal_reduction: ``max`` (the authors'), ``mean`` or ``contrast`` (box mean minus context mean)
+            reduction of each proposal's conv features (``ProposalHead``).
 
     ``forward(images (B, 3, H, W), with_detection=None)`` -> RpSalOutput. H and W must be multiples of 32.
     ``with_detection=None`` follows the attribute of that name (True unless a training stage turned it off).
@@ -112,6 +114,7 @@ class RpSalNet(nn.Module):
         num_samples: int = 4,
         mil_sharpness: float = 5.0,
         shared_proposal_head: bool = False,
+        proposal_reduction: str = "max",
     ):
         super().__init__()
         if selection_estimator not in ESTIMATORS:
@@ -129,7 +132,8 @@ class RpSalNet(nn.Module):
         self.lse_pooling = LSEPooling(num_classes)
         self.proposals = ProposalGrid()
         self.proposal_head = ProposalHead(
-            num_classes, class_channels, head_channels, leaky_slope, shared=shared_proposal_head
+            num_classes, class_channels, head_channels, leaky_slope, shared=shared_proposal_head,
+            reduction=proposal_reduction,
         )
         self.selector = GumbelProposalSelector()
         self.crop = BoxCrop(crop_size)
