@@ -16,6 +16,7 @@ Usage:
     python scripts/ablation.py stage1 --seeds 0,1,2 --out_dir runs/ablation/stage1
     python scripts/ablation.py run --variants default,mil --seeds 0,1,2 --out_dir runs/ablation \
         [--stage1_dir runs/ablation/stage1] [--dataset_dir DIR]
+    python scripts/ablation.py rescore --variants mil --seeds 0 --out_dir runs/ablation   # evaluation only
     python scripts/ablation.py table --out_dir runs/ablation [--variants ...] > table.md
     python scripts/ablation.py variants        # what each variant changes
 
@@ -42,121 +43,60 @@ BOX_CLASSES = (
     "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax"
 )
 
+# The detection-module settings every variant states in full, so that a row keeps its meaning whatever
+# train.yaml's defaults are: these are the paper's (the estimator in train.yaml before issue 14).
+PAPER_DETECTION = {
+    "selection_estimator": "straight_through",
+    "temperature_end": 0.001,
+    "mil_weight": 0.0,
+    "mil_sharpness": 5.0,
+    "proposal_reduction": "max",
+    "det_weighting": "sigmoid",
+    "optimizer_groups": {},
+}
+# No detection training: stages 2 and 3 get no epochs, so the proposal head keeps its initialisation.
+UNTRAINED = {"stages#1#epochs": 0, "stages#2#epochs": 0}
+MIL = {"mil_weight": 1.0, "temperature_end": 1.0, "det_weighting": "softmax"}
+HEAD_LR10 = {"optimizer_groups": {"proposal_head": {"lr_scale": 10.0}}}
+
+
+def _variant(about: str, *settings: dict, **overrides) -> dict:
+    """A variant: the paper's detection settings, then each dict of ``settings``, then ``overrides``."""
+    merged = dict(PAPER_DETECTION)
+    for part in settings:
+        merged.update(part)
+    return {"about": about, "overrides": {**merged, **overrides}, "stage1": "default"}
+
+
 # name -> {"configs": extra config files merged after demo.yaml, "overrides": {id: value}, "stage1": "default"
 # when stage 1 is the default recipe's (so a shared stage-1 checkpoint may start it), "about": one line}.
 # Overrides go to monai.bundle as --id value; values are YAML-parsed by fire/monai.
 VARIANTS: dict[str, dict] = {
-    "paper_st_anneal": {
-        "about": "the paper's estimator in today's train.yaml: straight-through, tau 1 -> 0.001, no MIL",
-        "overrides": {"selection_estimator": "straight_through", "mil_weight": 0.0, "temperature_end": 0.001},
-        "stage1": "default",
-    },
-    "st_tau1": {
-        "about": "straight-through with tau held at 1 (the authors' code)",
-        "overrides": {"selection_estimator": "straight_through", "mil_weight": 0.0, "temperature_end": 1.0},
-        "stage1": "default",
-    },
-    "mil_st_tau1": {
-        "about": "MIL term (LSE r=5, weight 1) + straight-through, tau 1",
-        "overrides": {"selection_estimator": "straight_through", "mil_weight": 1.0, "temperature_end": 1.0},
-        "stage1": "default",
-    },
-    "reinforce": {
-        "about": "REINFORCE, 4 samples per class, leave-one-out baseline; no MIL",
-        "overrides": {"selection_estimator": "reinforce", "mil_weight": 0.0},
-        "stage1": "default",
-    },
-    "mil_reinforce": {
-        "about": "MIL term (weight 1) + REINFORCE (4 samples, leave-one-out)",
-        "overrides": {"selection_estimator": "reinforce", "mil_weight": 1.0},
-        "stage1": "default",
-    },
-    "mil_reinforce_shared": {
-        "about": "MIL + REINFORCE with one proposal head shared by the classes (the authors' head)",
-        "overrides": {"selection_estimator": "reinforce", "mil_weight": 1.0, "shared_proposal_head": True},
-        "stage1": "default",
-    },
-    "mil_reinforce_head_lr": {
-        "about": "MIL + REINFORCE, proposal head at 0.1 x the stage lr",
-        "overrides": {
-            "selection_estimator": "reinforce",
-            "mil_weight": 1.0,
-            "optimizer_groups": {"proposal_head": {"lr_scale": 0.1}},
-        },
-        "stage1": "default",
-    },
-    "mil_reinforce_bn_update": {
-        "about": "MIL + REINFORCE, stage 2 trains the backbone's BatchNorm affine, statistics update (authors)",
-        "overrides": {
-            "selection_estimator": "reinforce",
-            "mil_weight": 1.0,
-            "backbone_stage2": "batchnorm",
-            "classification_statistics_stage2": "update",
-        },
-        "stage1": "default",
-    },
-    "mil_only": {
-        "about": "MIL term (weight 1) only trains the confidences: the crop loss weight 0 in stages 2-3",
-        "overrides": {
-            "mil_weight": 1.0,
-            "loss#terms#2#combined_logits": 0.0,
-            "loss#terms#3#combined_logits": 0.0,
-        },
-        "stage1": "default",
-    },
-    "mil_reinforce_mean": {
-        "about": "MIL + REINFORCE, proposal features mean-reduced over the box (not max)",
-        "overrides": {"selection_estimator": "reinforce", "mil_weight": 1.0, "proposal_reduction": "mean"},
-        "stage1": "default",
-    },
-    "mil_st_tau1_mean": {
-        "about": "MIL + straight-through at tau 1, proposal features mean-reduced over the box",
-        "overrides": {"selection_estimator": "straight_through", "mil_weight": 1.0, "temperature_end": 1.0,
-                      "proposal_reduction": "mean"},
-        "stage1": "default",
-    },
-    "mean_init": {
-        "about": "mean-reduced proposal features, detection stages trained as the paper (ST, annealed, no MIL)",
-        "overrides": {"proposal_reduction": "mean"},
-        "stage1": "default",
-    },
-    "mean_head_lr0.1": {
-        "about": "mean-reduced proposal features, the paper's ST training with the proposal head at 0.1 x lr",
-        "overrides": {"proposal_reduction": "mean", "optimizer_groups": {"proposal_head": {"lr_scale": 0.1}}},
-        "stage1": "default",
-    },
-    "mil_max_mean_st": {
-        "about": "MIL pooled near the max (LSE r=50) + ST tau 1, mean-reduced proposal features",
-        "overrides": {"proposal_reduction": "mean", "mil_weight": 1.0, "mil_sharpness": 50.0,
-                      "temperature_end": 1.0},
-        "stage1": "default",
-    },
-    "untrained_head": {
-        "about": "no detection training: the stage-1 model with the proposal head at its initialisation",
-        "overrides": {"stages#1#epochs": 0, "stages#2#epochs": 0},
-        "stage1": "default",
-    },
-    "untrained_head_mean": {
-        "about": "no detection training, mean-reduced proposal features at their initialisation",
-        "overrides": {"stages#1#epochs": 0, "stages#2#epochs": 0, "proposal_reduction": "mean"},
-        "stage1": "default",
-    },
-    "untrained_head_contrast": {
-        "about": "no detection training, contrast-scored proposals (box mean - context mean) at their init",
-        "overrides": {"stages#1#epochs": 0, "stages#2#epochs": 0, "proposal_reduction": "contrast"},
-        "stage1": "default",
-    },
-    "mil_st_tau1_contrast": {
-        "about": "MIL + straight-through at tau 1, contrast-scored proposals",
-        "overrides": {"selection_estimator": "straight_through", "mil_weight": 1.0, "temperature_end": 1.0,
-                      "proposal_reduction": "contrast"},
-        "stage1": "default",
-    },
-    "st_contrast": {
-        "about": "contrast-scored proposals, detection stages trained as the paper (ST, annealed, no MIL)",
-        "overrides": {"proposal_reduction": "contrast"},
-        "stage1": "default",
-    },
+    "paper_estimator": _variant("the paper's detection training in the demo recipe: ST Gumbel, tau 1 -> 0.001, "
+                                "no MIL, max-pooled proposal features, sigmoid-weighted Det"),
+    "untrained_head": _variant("no detection training: the stage-1 model, proposal head at its initialisation",
+                               UNTRAINED),
+    "untrained_head_softmax": _variant("as untrained_head, Det softmax-weighted (r=5)", UNTRAINED,
+                                       det_weighting="softmax"),
+    "untrained_head_mean": _variant("as untrained_head, mean-reduced proposal features", UNTRAINED,
+                                    proposal_reduction="mean"),
+    "untrained_head_contrast": _variant("as untrained_head, contrast-scored proposals", UNTRAINED,
+                                        proposal_reduction="contrast"),
+    "st_tau1": _variant("straight-through with tau held at 1 (the authors' code)", temperature_end=1.0),
+    "mil_sigmoid_det": _variant("MIL term (LSE r=5, weight 1) + ST tau 1, Det sigmoid-weighted", MIL,
+                                det_weighting="sigmoid"),
+    "mil": _variant("MIL term (LSE r=5, weight 1) + ST tau 1, Det softmax-weighted (r=5)", MIL),
+    "mil_reinforce": _variant("MIL + REINFORCE (4 samples, leave-one-out) instead of ST", MIL,
+                              selection_estimator="reinforce"),
+    "mil_mean": _variant("MIL + ST tau 1, mean-reduced proposal features", MIL, proposal_reduction="mean"),
+    "mil_contrast": _variant("MIL + ST tau 1, contrast-scored proposals", MIL, proposal_reduction="contrast"),
+    "mil50": _variant("MIL pooled near the max (LSE r=50) + ST tau 1, Det softmax r=50", MIL,
+                      mil_sharpness=50.0),
+    "mil50_contrast": _variant("MIL r=50 + ST tau 1, contrast-scored proposals, Det softmax r=50", MIL,
+                               mil_sharpness=50.0, proposal_reduction="contrast"),
+    "mil_head_lr10": _variant("MIL + ST tau 1, proposal head at 10 x the stage lr", MIL, HEAD_LR10),
+    "mil_contrast_head_lr10": _variant("MIL + ST tau 1, contrast-scored proposals, proposal head at 10 x lr",
+                                       MIL, HEAD_LR10, proposal_reduction="contrast"),
     "paper": {
         "about": "bundle/configs/paper.yaml: the published method (paper text, authors' code where silent)",
         "configs": [CONFIGS / "paper.yaml"],
@@ -258,6 +198,28 @@ def run(variants="mil_reinforce", seeds="0,1,2", out_dir: str = "runs/ablation",
             print(f"{name} seed {seed}: {_one_line(result)}")
 
 
+def rescore(variants, seeds="0,1,2", out_dir: str = "runs/ablation", dataset_dir: str | None = None) -> None:
+    """Rerun only the evaluation of finished runs under the variant's current settings (e.g. another Det
+    weighting of the same trained model); ablation.json keeps the training time and is rewritten."""
+    for name in _parse_list(variants):
+        variant = VARIANTS[name]
+        for seed in _parse_list(seeds):
+            run_dir = Path(out_dir) / name / f"seed{seed}"
+            result_path = run_dir / "ablation.json"
+            if not result_path.exists():
+                raise FileNotFoundError(f"{result_path}: no finished run to rescore")
+            before = json.loads(result_path.read_text())
+            overrides = {"seed": int(seed), "ckpt_dir": str(run_dir / "models"),
+                         "output_dir": str(run_dir / "logs"), **variant.get("overrides", {})}
+            if dataset_dir:
+                overrides["dataset_dir"] = dataset_dir
+            files = [*TRAIN, *variant.get("configs", []), EVALUATE]
+            eval_seconds = _bundle("evaluating", files, overrides, run_dir / "logs" / "ablation.log")
+            result = {**before, "variant": name, "evaluate_seconds": round(eval_seconds, 1), **read_scores(run_dir)}
+            result_path.write_text(json.dumps(result, indent=2) + "\n")
+            print(f"{name} seed {seed} (rescored): {_one_line(result)}")
+
+
 def read_scores(run_dir: Path) -> dict:
     """The held-out scores of one run from its report's summary.json and its test metrics."""
     summary = json.loads((Path(run_dir) / "logs" / "report" / "summary.json").read_text())
@@ -297,30 +259,42 @@ def bars(r: dict) -> dict[str, bool]:
     }
 
 
-def table(out_dir: str = "runs/ablation", variants=None) -> None:
-    """A Markdown table of every finished run under OUT_DIR (one row per variant x seed, then the means)."""
-    results = sorted(
-        (json.loads(p.read_text()) for p in Path(out_dir).glob("*/seed*/ablation.json")),
-        key=lambda r: (r["variant"], r["seed"]),
-    )
-    if variants:
-        keep = _parse_list(variants)
-        results = sorted((r for r in results if r["variant"] in keep),
-                         key=lambda r: (keep.index(r["variant"]), r["seed"]))
+_COLUMNS = ("sal_iou", "det_iou", "mix_iou", "prior_iou", "sal_t_iou_0.3", "det_t_iou_0.3", "mix_t_iou_0.3",
+            "sal_t_iou_0.5", "det_t_iou_0.5", "mix_t_iou_0.5")
+
+
+def _row(label: str, seed: str, r: dict, met: str) -> str:
+    values = " | ".join(f"{r.get(key, float('nan')):.3f}" for key in _COLUMNS)
+    return (f"| {label} | {seed} | {values} | {r['mix_beats_prior']:.3g}/8 | "
+            f"{r['mix_per_class'].get('Cardiomegaly', float('nan')):.3f} | {r['test_mean_auc']:.3f} | "
+            f"{r['test_mean_auc_combined']:.3f} | {r['train_seconds']:.0f} | {met} |")
+
+
+def table(out_dir: str = "runs/ablation", variants=None, seeds=None) -> None:
+    """A Markdown table of the finished runs under OUT_DIR: one row per variant x seed, then, for a variant
+    with several seeds, their mean (bars met: how many of issue 14's 7 bars the mean row meets)."""
+    results = [json.loads(p.read_text()) for p in Path(out_dir).glob("*/seed*/ablation.json")]
+    if seeds is not None:
+        wanted = {int(seed) for seed in _parse_list(seeds)}
+        results = [r for r in results if r["seed"] in wanted]
+    order = _parse_list(variants) if variants else sorted({r["variant"] for r in results})
     head = ("| variant | seed | Sal | Det | Mix | prior | Sal T(0.3) | Det T(0.3) | Mix T(0.3) | Sal T(0.5) | "
             "Det T(0.5) | Mix T(0.5) | Mix > prior | Mix Card | AUC y | AUC y+z | train s | bars met |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in results:
-        met = bars(r)
-        lines.append(
-            f"| {r['variant']} | {r['seed']} | {r['sal_iou']:.3f} | {r['det_iou']:.3f} | {r['mix_iou']:.3f} | "
-            f"{r['prior_iou']:.3f} | {r.get('sal_t_iou_0.3', float('nan')):.3f} | "
-            f"{r.get('det_t_iou_0.3', float('nan')):.3f} | {r.get('mix_t_iou_0.3', float('nan')):.3f} | "
-            f"{r['sal_t_iou_0.5']:.3f} | {r['det_t_iou_0.5']:.3f} | {r['mix_t_iou_0.5']:.3f} | "
-            f"{r['mix_beats_prior']}/8 | {r['mix_per_class'].get('Cardiomegaly', float('nan')):.3f} | "
-            f"{r['test_mean_auc']:.3f} | {r['test_mean_auc_combined']:.3f} | {r['train_seconds']:.0f} | "
-            f"{sum(met.values())}/{len(met)} |"
-        )
+    for name in order:
+        runs = sorted((r for r in results if r["variant"] == name), key=lambda r: r["seed"])
+        for r in runs:
+            met = bars(r)
+            lines.append(_row(name, str(r["seed"]), r, f"{sum(met.values())}/{len(met)}"))
+        if len(runs) > 1:
+            mean = {key: sum(r[key] for r in runs) / len(runs)
+                    for key in (*_COLUMNS, "mix_beats_prior", "test_mean_auc", "test_mean_auc_combined",
+                                "train_seconds")}
+            mean["mix_per_class"] = {"Cardiomegaly": sum(r["mix_per_class"]["Cardiomegaly"] for r in runs)
+                                     / len(runs)}
+            met = [sum(bars(r).values()) for r in runs]
+            lines.append(_row(f"**{name}**", f"mean of {len(runs)}", mean,
+                              f"{sum(met) / len(runs):.1f}/7 per seed"))
     print("\n".join(lines))
 
 
@@ -332,4 +306,4 @@ def variants() -> None:
 
 
 if __name__ == "__main__":
-    fire.Fire({"stage1": stage1, "run": run, "table": table, "variants": variants})
+    fire.Fire({"stage1": stage1, "run": run, "rescore": rescore, "table": table, "variants": variants})

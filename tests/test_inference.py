@@ -158,6 +158,16 @@ def test_calibration_round_trip_defaults_and_errors(tmp_path, caplog):
         load_calibration(tmp_path / "range.json")
     with pytest.raises(ValueError, match="normalize must be true or false"):
         Calibration(normalize="false")  # a command-line string would be truthy
+    with pytest.raises(ValueError, match="sharpness must be a positive number"):
+        Calibration(weighting="softmax", sharpness=0)
+    softmax = load_calibration(save_calibration(Calibration(weighting="softmax", sharpness=50.0),
+                                                tmp_path / "softmax.json"))
+    assert (softmax.weighting, softmax.sharpness) == ("softmax", 50.0)
+    # A file written before the softmax weighting has no sharpness: it reads as 1 (unused by sigmoid / raw).
+    del content["maps"]["sharpness"]
+    content["inference_box_thresholds"]["mix"] = {}
+    (tmp_path / "before.json").write_text(json.dumps(content))
+    assert load_calibration(tmp_path / "before.json").sharpness == 1.0
     (tmp_path / "old.json").write_text(json.dumps({"format_version": 0}))
     with pytest.raises(ValueError, match="old.json.*format_version"):
         load_calibration(tmp_path / "old.json")

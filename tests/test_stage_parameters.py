@@ -81,3 +81,10 @@ def test_resume_refuses_a_checkpoint_written_under_another_configuration(tmp_pat
     with caplog.at_level(logging.WARNING):
         allowed.run()
     assert "written under another configuration (differs in: loss)" in caplog.text
+    # another optimiser grouping (a branch with its own optimizer_groups) continues with fresh Adam moments
+    _, regrouped = stage2_trainer(tmp_path, tiny_phantom, allow_config_change=True,
+                                  optimizer_groups={"proposal_head": {"lr_scale": 10.0}})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        regrouped.run()
+    assert "parameter groups differ" in caplog.text and "starts afresh" in caplog.text

@@ -252,7 +252,15 @@ class TrainingCheckpoint:
             ) from error
         self.check_signature(checkpoint.get("run_signature") or {})
         unwrap(self.network).load_state_dict(checkpoint["network"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        saved_groups = [len(group["params"]) for group in checkpoint["optimizer"]["param_groups"]]
+        groups = [len(group["params"]) for group in self.optimizer.param_groups]
+        if saved_groups != groups and self.allow_config_change:
+            # Another grouping (e.g. a branch of the run with its own optimizer_groups): the saved moments
+            # cannot be matched to parameters by position, so the optimiser starts afresh.
+            logger.warning(f"{self.path}: the optimiser's parameter groups differ (saved {saved_groups}, now "
+                           f"{groups}); its state (Adam moments) starts afresh, as allow_config_change allows")
+        else:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.lr_scheduler is not None and checkpoint["lr_scheduler"]:
             self.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
         for name, obj in self.extra.items():
