@@ -51,15 +51,17 @@ def test_three_stages_train_and_write_everything(tiny_trained_model):
     checkpoint = read_checkpoint(tmp_path)
     assert set(checkpoint) >= {"network", "optimizer", "trainer", "rng", "extra"}
     assert int(checkpoint["trainer"]["stage"]) == 3 and int(checkpoint["trainer"]["epoch"]) == 3
-    # Annealed 1 -> 0.001 over stages 2 and 3: the last iteration is one step short of the end.
-    assert 1e-3 <= float(checkpoint["trainer"]["temperature"]) < 2e-3
+    # train.yaml holds the Gumbel temperature at 1 (temperature_end 1; the annealing is tested with the
+    # paper's 1 -> 0.001 in the resume test below).
+    assert float(checkpoint["trainer"]["temperature"]) == pytest.approx(1.0)
     net = RpSalNet(**TINY_NETWORK)
     net.load_state_dict(torch.load(models / "model.pt", weights_only=True))
     assert "training stage 3 (joint) starts at epoch 3" in output
 
 
 def test_rerun_after_sigkill_continues_from_the_last_checkpoint(tmp_path, tiny_phantom):
-    overrides = write_overrides(tmp_path, tiny_phantom, epochs=(2, 1, 1))
+    # The paper's annealing 1 -> 0.001, so that the rerun visibly continues the schedule.
+    overrides = write_overrides(tmp_path, tiny_phantom, epochs=(2, 1, 1), temperature_end=0.001)
     command = bundle_command([*CONFIGS, str(overrides)])
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -90,7 +92,8 @@ def test_rerun_after_sigkill_continues_from_the_last_checkpoint(tmp_path, tiny_p
     assert [row["stage"] for row in new_rows] == [1, 1, 2, 3][epoch_at_kill:]
     final = read_checkpoint(tmp_path)
     assert int(final["trainer"]["epoch"]) == 4 and int(final["trainer"]["stage"]) == 3
-    assert float(final["trainer"]["temperature"]) < 2e-3
+    # Annealed 1 -> 0.001 over stages 2 and 3: the last iteration is one step short of the end.
+    assert 1e-3 <= float(final["trainer"]["temperature"]) < 2e-3
 
 
 def test_nan_loss_stops_with_stage_epoch_iteration_and_keeps_the_good_checkpoint(tmp_path, tiny_phantom):
