@@ -14,7 +14,8 @@ Beyond the paper, ``weighting="softmax"`` weighs the boxes by softmax(r c(n, k))
 attention of the LSE pooling with sharpness r that the multiple-instance term trains the confidences through
 (``custom.networks.gumbel_selection.proposal_pooling``), so Det paints the proposals that term picks. Sigmoid
 weights instead give every proposal at least sigmoid(min c): with N = 395 boxes the many weak ones wash out the
-few strong ones (held-out Det mean IoU on the demo after MIL training: 0.116 sigmoid, 0.193 softmax r = 5).
+few strong ones (held-out Det mean IoU of one MIL-trained demo model, docs/evaluation.md rows mil_sigmoid_det
+and mil: 0.112 sigmoid, 0.202 softmax r = 5).
 """
 
 from __future__ import annotations
