@@ -173,10 +173,7 @@ def run(variants="mil_reinforce", seeds="0,1,2", out_dir: str = "runs/ablation",
                 continue
             models, logs = run_dir / "models", run_dir / "logs"
             logs.mkdir(parents=True, exist_ok=True)
-            overrides = {"seed": int(seed), "ckpt_dir": str(models), "output_dir": str(logs),
-                         **variant.get("overrides", {})}
-            if dataset_dir:
-                overrides["dataset_dir"] = dataset_dir
+            overrides = _run_overrides(run_dir, seed, variant, dataset_dir)
             branched_from = None
             if stage1_dir and variant.get("stage1") == "default":
                 source = Path(stage1_dir) / f"seed{seed}" / "models" / "last.pt"
@@ -203,6 +200,15 @@ def run(variants="mil_reinforce", seeds="0,1,2", out_dir: str = "runs/ablation",
             print(f"{name} seed {seed}: {_one_line(result)}")
 
 
+def _run_overrides(run_dir: Path, seed, variant: dict, dataset_dir: str | None) -> dict:
+    """The ids one run sets: its seed and folders, the variant's overrides, and the data set if given."""
+    overrides = {"seed": int(seed), "ckpt_dir": str(run_dir / "models"), "output_dir": str(run_dir / "logs"),
+                 **variant.get("overrides", {})}
+    if dataset_dir:
+        overrides["dataset_dir"] = dataset_dir
+    return overrides
+
+
 def rescore(variants, seeds="0,1,2", out_dir: str = "runs/ablation", dataset_dir: str | None = None) -> None:
     """Rerun only the evaluation of finished runs under the variant's current settings (e.g. another Det
     weighting of the same trained model); ablation.json keeps the training time and is rewritten."""
@@ -214,10 +220,7 @@ def rescore(variants, seeds="0,1,2", out_dir: str = "runs/ablation", dataset_dir
             if not result_path.exists():
                 raise FileNotFoundError(f"{result_path}: no finished run to rescore")
             before = json.loads(result_path.read_text())
-            overrides = {"seed": int(seed), "ckpt_dir": str(run_dir / "models"),
-                         "output_dir": str(run_dir / "logs"), **variant.get("overrides", {})}
-            if dataset_dir:
-                overrides["dataset_dir"] = dataset_dir
+            overrides = _run_overrides(run_dir, seed, variant, dataset_dir)
             files = [*TRAIN, *variant.get("configs", []), EVALUATE]
             eval_seconds = _bundle("evaluating", files, overrides, run_dir / "logs" / "ablation.log")
             result = {**before, "variant": name, "evaluate_seconds": round(eval_seconds, 1), **read_scores(run_dir)}
@@ -277,7 +280,7 @@ def _row(label: str, seed: str, r: dict, met: str) -> str:
 
 def table(out_dir: str = "runs/ablation", variants=None, seeds=None) -> None:
     """A Markdown table of the finished runs under OUT_DIR: one row per variant x seed, then, for a variant
-    with several seeds, their mean (bars met: how many of issue 14's 7 bars the mean row meets)."""
+    with several seeds, their mean (bars met there: the mean over the seeds of the bars each seed meets)."""
     results = [json.loads(p.read_text()) for p in Path(out_dir).glob("*/seed*/ablation.json")]
     if seeds is not None:
         wanted = {int(seed) for seed in _parse_list(seeds)}
