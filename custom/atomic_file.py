@@ -1,4 +1,5 @@
-"""Writing a file so that no reader ever sees half of it: write a temporary file beside it, then rename.
+"""Writing a file so that no reader ever sees half of it: write a temporary file beside it, then rename;
+and the bundle's JSON layout (``json_text``, ``write_json``).
 
 ``os.replace`` within one folder is atomic on POSIX and Windows, so the final name holds either the previous
 complete file or the new complete one. A failed or interrupted write removes its temporary file when it can;
@@ -8,6 +9,7 @@ a killed process leaves ``.<name>.<pid>.tmp<suffix>``, never a file under the fi
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -62,3 +64,25 @@ def leftover_temporaries(folder: str | os.PathLike, final_names: str = "*") -> l
         if match and fnmatch.fnmatchcase(match.group("final"), final_names):
             found.append((path, int(match.group("pid"))))
     return found
+
+
+_NUMBER_LIST = re.compile(r"\[\s+([-+0-9.eE,\s]+?)\s+\]")
+
+
+def json_text(content) -> str:
+    """JSON indented one space per level, with lists of numbers (boxes, sizes) kept on one line.
+
+    NaN/inf are refused (``allow_nan=False``): strict JSON readers reject them.
+    """
+    text = json.dumps(content, indent=1, allow_nan=False)
+    return _NUMBER_LIST.sub(lambda match: "[" + " ".join(match.group(1).split()) + "]", text)
+
+
+def write_json(path: str | os.PathLike, content) -> Path:
+    """Write ``json_text(content)`` atomically (temporary file beside it, then rename): a reader never sees
+    half a file. Returns the path.
+    """
+    path = Path(path)
+    with atomic_output(path) as temp:
+        temp.write_text(json_text(content) + "\n", encoding="utf-8")
+    return path

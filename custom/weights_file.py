@@ -50,3 +50,26 @@ def load_weights_file(path: str | os.PathLike, map_location="cpu"):
         raise CheckpointFileError(
             f"{path}: cannot be read as a PyTorch file (truncated or corrupt?): {str(error).splitlines()[0]}"
         ) from error
+
+
+def load_checkpoint(network: torch.nn.Module, path: str | os.PathLike, device=None) -> torch.nn.Module:
+    """Load an RpSalNet state dict (``model.pt`` of training) into ``network`` and put it in eval mode.
+
+    Raises FileNotFoundError / RuntimeError naming the file when it is missing or does not fit the network
+    (e.g. the network sizes in the config differ from the trained ones), and CheckpointFileError (a
+    RuntimeError) when it holds pickled objects other than tensors (refused, never run) or is corrupt.
+    Returns the network.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: model checkpoint not found (train first, or set ckpt_path)")
+    state = load_weights_file(path, map_location=device or "cpu")  # weights_only: runs no code from the file
+    if not isinstance(state, dict):
+        raise RuntimeError(f"{path}: expected a state dict, got {type(state).__name__}")
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"{path}: the checkpoint does not fit the configured network (are the network "
+            f"sizes those it was trained with? the demo's are in configs/demo_network.yaml): {str(error)[:600]}"
+        ) from error
+    return network.eval()

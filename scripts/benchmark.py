@@ -7,17 +7,21 @@ Usage (from the repository root)::
     python scripts/benchmark.py --sections train,infer --repeats 3 --output ""                   # quick look
 
 Sections (``--sections``, default all):
-    train  training throughput (images/s) and peak memory of the full RpSalNet stage-3 step (forward, all
-           losses of ``custom.losses.RpSalLoss``, backward, AdamW) against a torchvision DenseNet-121 with a
-           14-way classifier (BCE, AdamW) at the same image size, batch and precision;
-    infer  inference latency per image: the full pipeline (RpSalNet forward, Mix map by
-           ``custom.inference.maps.rpsal_maps``, boxes for the 14 classes by
-           ``custom.inference.boxes.extract_boxes``) against a DenseNet-121 forward, batch 1 and 8;
+    train  training throughput (images/s) and peak memory of the full RpSalNet stage-3 step (forward, the
+           stage-3 terms of the configured ``loss``, backward, the configured ``optimizer``) against a
+           torchvision DenseNet-121 with a 14-way classifier (BCE, AdamW with the configured settings) at the
+           same image size, batch and precision;
+    infer  inference latency per image: the declared inference path of ``inference.yaml`` (its ``inferer``,
+           then its ``postprocessing`` per image: Sal/Det/Mix maps, the box rule for the 14 classes, the
+           findings document) against a DenseNet-121 forward, batch 1 and 8;
     data   images/s of the input pipeline from PNG decoding and from the resized cache, with N workers
            (``scripts/benchmark_data.py``);
     parts  forward + backward time of each part of the RpSal training step, each run alone on the inputs it
            gets in a real step, so the next optimisation is chosen from data.
 
+The network, loss, optimiser and inference path are built from the shipped configs through the bundle's
+config parser (``bundle/configs/train.yaml`` and ``inference.yaml``; ``--network demo`` merges
+``demo_network.yaml`` on both), so the benchmark measures what the bundle runs.
 The two models' calls alternate (A, B, A, B, ...) so that a machine shared with other work slows both alike;
 each table reports medians over ``--repeats`` timed calls after ``--warmup`` untimed ones. CUDA calls are
 timed with CUDA events, CPU calls with ``time.perf_counter`` (wall) and ``time.process_time`` (CPU time of
@@ -54,11 +58,12 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from custom.inference.boxes import extract_boxes
-from custom.inference.maps import rpsal_maps
+from monai.bundle import ConfigParser
+from monai.data import decollate_batch
+
 from custom.labels import CLASS_NAMES
 from custom.losses import RpSalLoss
-from custom.networks.gumbel_selection import select_boxes
+from custom.networks.gumbel_selection import proposal_pooling, select_boxes
 from custom.networks.rpsal import RpSalNet, RpSalOutput
 
 BEGIN_MARK = "<!-- BEGIN GENERATED: scripts/benchmark.py -->"
@@ -66,10 +71,23 @@ END_MARK = "<!-- END GENERATED -->"
 PRECISIONS = ("fp32", "tf32", "bf16")
 SECTIONS = ("train", "infer", "data", "parts")
 NUM_CLASSES = len(CLASS_NAMES)
-# Optimiser of the paper's stage 3 (method.md): Adam, decoupled weight decay 1e-3, eps 0.1, betas (0.9, 0.99).
-ADAMW = {"lr": 3e-4, "weight_decay": 1e-3, "betas": (0.9, 0.99), "eps": 0.1}
+CONFIGS = REPO_ROOT / "bundle" / "configs"
+NETWORKS = {"paper": [], "demo": [CONFIGS / "demo_network.yaml"]}
 # Class prevalence for the class-balanced BCE weights; any value gives the same cost.
 PREVALENCE = 0.05
+
+
+def bundle_parser(config: str, network: str, device: torch.device, **overrides) -> ConfigParser:
+    """The shipped ``config`` (train.yaml or inference.yaml) with the ``network`` sizes' fragment merged on it,
+    on ``device``; ``overrides`` are config id -> value."""
+    if network not in NETWORKS:
+        raise ValueError(f"network must be one of {sorted(NETWORKS)}, got {network!r}")
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / config), *(str(path) for path in NETWORKS[network])])
+    parser["device"] = f"$torch.device('{device}')"
+    for key, value in overrides.items():
+        parser[key] = value
+    return parser
 
 
 # ---- timing ------------------------------------------------------------------------------------------------
@@ -180,15 +198,22 @@ def set_precision(device: torch.device, precision: str) -> Callable[[], contextl
     return contextlib.nullcontext
 
 
-def build_models(
-    device: torch.device, channels_last: bool, seed: int = 0
-) -> tuple[RpSalNet, torch.nn.Module]:
-    """The paper's RpSalNet (DenseNet-121 + ResNet-34) and a torchvision DenseNet-121 with 14 outputs."""
+def build_models(device: torch.device, channels_last: bool, network: str = "paper",
+                 seed: int = 0) -> tuple[RpSalNet, torch.nn.Module, ConfigParser]:
+    """train.yaml's RpSalNet (the paper's sizes, or the demo's) and a torchvision DenseNet-121 with 14 outputs;
+    returns them with the training config's parser (its loss and optimiser)."""
     torch.manual_seed(seed)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    rpsal = RpSalNet(num_classes=NUM_CLASSES).to(device, memory_format=memory_format)
+    parser = bundle_parser("train.yaml", network, device, channels_last=channels_last)
+    rpsal = parser.get_parsed_content("network")
     densenet = torchvision.models.densenet121(num_classes=NUM_CLASSES).to(device, memory_format=memory_format)
-    return rpsal, densenet
+    return rpsal, densenet, parser
+
+
+def optimisers(parser: ConfigParser, densenet: torch.nn.Module):
+    """train.yaml's ``optimizer`` for RpSalNet, and AdamW with the same settings for DenseNet-121."""
+    settings = {key: parser.get_parsed_content(f"optimizer#{key}") for key in ("lr", "betas", "eps", "weight_decay")}
+    return parser.get_parsed_content("optimizer"), torch.optim.AdamW(densenet.parameters(), **settings)
 
 
 def make_inputs(device: torch.device, batch: int, size: int, channels_last: bool, seed: int = 0):
@@ -199,9 +224,12 @@ def make_inputs(device: torch.device, batch: int, size: int, channels_last: bool
     return images.to(device, memory_format=memory_format), labels.to(device)
 
 
-def rpsal_loss(device: torch.device) -> RpSalLoss:
-    """The stage-3 loss: class-balanced BCE on the combined logits y + z plus on the image logits y."""
-    loss = RpSalLoss([1 - PREVALENCE] * NUM_CLASSES, [PREVALENCE] * NUM_CLASSES).to(device)
+def rpsal_loss(parser: ConfigParser, device: torch.device) -> RpSalLoss:
+    """train.yaml's ``loss`` at stage 3 (its terms and scale), with class weights of a fixed prevalence (the
+    datalist's are not needed: any weights cost the same)."""
+    parser["loss#positive_weights"] = [1 - PREVALENCE] * NUM_CLASSES
+    parser["loss#negative_weights"] = [PREVALENCE] * NUM_CLASSES
+    loss = parser.get_parsed_content("loss").to(device)
     loss.set_stage(3)
     return loss
 
@@ -232,22 +260,18 @@ def densenet_train_step(net, optimizer, images, labels, autocast) -> Callable[[]
     return step
 
 
-def rpsal_pipeline(net, images, autocast) -> Callable[[], torch.Tensor]:
-    """Model, Mix map and one box per class (percentile 0.9, largest component) in 1024-px original pixels."""
-    thresholds = torch.full((NUM_CLASSES,), 0.9)
-    original_sizes = torch.tensor([1024, 1024])
+def rpsal_pipeline(net, images, autocast, inference: ConfigParser) -> Callable[[], list]:
+    """inference.yaml's inferer, then its postprocessing per image (maps, boxes of the 14 classes by the box
+    rule, the findings document), for 1024-px originals and the default thresholds (no file)."""
+    inferer = inference.get_parsed_content("inferer")
+    postprocessing = inference.get_parsed_content("postprocessing")
+    sizes = torch.tensor([1024, 1024])
 
     def run():
-        with torch.no_grad(), autocast():
-            output = net(images)
-        maps = rpsal_maps(
-            output.saliency_logits.float(),
-            output.proposal_logits.float(),
-            output.refined_boxes.float(),
-            tuple(images.shape[-2:]),
-        )
-        boxes, _ = extract_boxes(maps["mix"], thresholds, original_sizes)
-        return boxes
+        with autocast():
+            outputs = inferer(images, net)
+        return [postprocessing({"image": images[b], "original_size": sizes, "image_path": "benchmark.png",
+                                "pred": pred}) for b, pred in enumerate(decollate_batch(outputs))]
 
     return run
 
@@ -306,9 +330,11 @@ def rpsal_part_calls(
         crops = net.crop(images, select_boxes(selection, refined))
         crop_logits = net.crop_classifier(crops)
         image_logits = net.lse_pooling(saliency_logits)
+        proposal_image_logits = proposal_pooling(logits, net.mil_sharpness)
     pyramid, class_features, saliency_logits = map(_leaf, (pyramid, class_features, saliency_logits))
     pooled, pooled_saliency, logits, refined = map(_leaf, (pooled, pooled_saliency, logits, refined))
     crops, crop_logits, image_logits = map(_leaf, (crops, crop_logits, image_logits))
+    proposal_image_logits = _leaf(proposal_image_logits)
 
     def part(fn: Callable[[], Iterable[torch.Tensor]]) -> Callable[[], None]:
         # Random upstream gradients of each output's shape, dtype and layout, drawn once (not timed).
@@ -324,7 +350,8 @@ def rpsal_part_calls(
 
     def losses():
         with autocast():
-            output = RpSalOutput(image_logits, saliency_logits, combined_logits=image_logits + crop_logits)
+            output = RpSalOutput(image_logits, saliency_logits, combined_logits=image_logits + crop_logits,
+                                 proposal_image_logits=proposal_image_logits)
             value = loss(output, labels)
         value.backward()
 
@@ -360,20 +387,19 @@ def _as_list(value, cast) -> list:
 
 
 def train_section(
-    device, size, batches, precisions, channels_last, repeats, warmup, with_parts
+    device, size, batches, precisions, channels_last, repeats, warmup, with_parts, network="paper"
 ) -> list[dict]:
     """Rows {precision, batch, rpsal/densenet timings and memory, ratio, syncs, parts}."""
     rows = []
     for precision in precisions:
         autocast = set_precision(device, precision)
         for batch in batches:
-            rpsal, densenet = build_models(device, channels_last)
+            rpsal, densenet, parser = build_models(device, channels_last, network)
             rpsal.train()
             densenet.train()
             images, labels = make_inputs(device, batch, size, channels_last)
-            loss = rpsal_loss(device)
-            rpsal_opt = torch.optim.AdamW(rpsal.parameters(), **ADAMW)
-            densenet_opt = torch.optim.AdamW(densenet.parameters(), **ADAMW)
+            loss = rpsal_loss(parser, device)
+            rpsal_opt, densenet_opt = optimisers(parser, densenet)
             calls = {
                 "rpsal": rpsal_train_step(rpsal, loss, rpsal_opt, images, labels, autocast),
                 "densenet": densenet_train_step(densenet, densenet_opt, images, labels, autocast),
@@ -397,9 +423,10 @@ def train_section(
     return rows
 
 
-def infer_section(device, size, batches, precisions, channels_last, repeats, warmup) -> list[dict]:
+def infer_section(device, size, batches, precisions, channels_last, repeats, warmup, network="paper") -> list[dict]:
     rows = []
-    rpsal, densenet = build_models(device, channels_last)
+    rpsal, densenet, _ = build_models(device, channels_last, network)
+    inference = bundle_parser("inference.yaml", network, device, thresholds_file=None, image_size=size)
     rpsal.eval()
     densenet.eval()
     for precision in precisions:
@@ -407,7 +434,7 @@ def infer_section(device, size, batches, precisions, channels_last, repeats, war
         for batch in batches:
             images, _ = make_inputs(device, batch, size, channels_last)
             calls = {
-                "rpsal": rpsal_pipeline(rpsal, images, autocast),
+                "rpsal": rpsal_pipeline(rpsal, images, autocast, inference),
                 "densenet": densenet_forward(densenet, images, autocast),
             }
             row = {
@@ -631,6 +658,7 @@ def benchmark(
     # 4 sample PNGs x 64 = 256 images: ~0.4 s from the cache, long enough to be timed steadily.
     data_repeat: int = 64,
     output: str = str(REPO_ROOT / "docs" / "benchmarks.md"),
+    network: str = "paper",
 ) -> dict:
     """Run the benchmark; prints the tables, writes ``output`` (empty string: don't) and returns the results.
 
@@ -645,6 +673,7 @@ def benchmark(
         repeats: timed calls per model (default 20 on a GPU, 5 on the CPU); warmup: untimed rounds before.
         threads: torch CPU threads (default: torch's).
         data_dir, data_workers, data_batch, data_repeat: the data section (``scripts/benchmark_data.py``).
+        network: "paper" (the shipped configs' sizes) or "demo" (``demo_network.yaml`` merged on them).
     """
     sections = _as_list(sections, str)
     unknown = sorted(set(sections) - set(SECTIONS))
@@ -672,6 +701,7 @@ def benchmark(
         "torchvision": torchvision.__version__,
         "python": platform.python_version(),
         "image_size": image_size,
+        "network": network,
         "channels_last": channels_last,
         "repeats": repeats,
         "warmup": warmup,
@@ -691,10 +721,11 @@ def benchmark(
             repeats,
             warmup,
             with_parts="parts" in sections,
+            network=network,
         )
     if "infer" in sections:
         results["infer"] = infer_section(
-            dev, image_size, infer_batches, precisions, channels_last, repeats, warmup
+            dev, image_size, infer_batches, precisions, channels_last, repeats, warmup, network
         )
     if "data" in sections:
         results["data"] = data_section(data_dir, image_size, data_workers, data_batch, data_repeat)

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from custom.inference.maps import rpsal_maps  # noqa: E402
+from custom.localisation.maps import rpsal_maps  # noqa: E402
 from custom.labels import BOX_CLASS_NAMES  # noqa: E402
-from custom.metrics import calibrate_box_thresholds, gt_box_dice, percentile_grid  # noqa: E402
+from custom.metrics import choose_box_thresholds, gt_box_dice, percentile_grid  # noqa: E402
 
 
 def synthetic_outputs(num_images: int, num_classes: int, input_size: int, num_proposals: int,
@@ -100,7 +100,7 @@ def main(num_images: int = 880, num_classes: int = 8, num_boxes: int = 984, inpu
     for name, values in maps.items():
         step = time.perf_counter()
         dice = gt_box_dice(values, gt_image, gt_class, gt_boxes, original_sizes).numpy()
-        result = calibrate_box_thresholds(values, gt_image, gt_class, gt_boxes, original_sizes, patient_ids,
+        result = choose_box_thresholds(values, gt_image, gt_class, gt_boxes, original_sizes, patient_ids,
                                           class_names, candidates, "percentile", component, dice=dice)
         timings[name] = time.perf_counter() - step
         paper, honest = result.all_images.summary, result.two_fold.summary

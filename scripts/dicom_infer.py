@@ -3,14 +3,15 @@
 Usage::
 
     python scripts/dicom_infer.py INPUT --out_dir OUT [--config_file bundle/configs/inference.yaml]
-        [--ckpt_path bundle/models/model.pt] [--calibration_file bundle/models/calibration.json]
+        [--ckpt_path bundle/models/model.pt] [--thresholds_file bundle/models/thresholds.json]
         [--overrides overrides.yaml] [--uid_prefix 1.2.826.0.1.3680043.10.999.]
 
 INPUT is a DICOM file or a folder of them. For each radiograph, OUT receives ``<name>_sr.dcm``
 (Comprehensive SR), ``<name>_overlay.dcm`` (Secondary Capture) and ``<name>_findings.json``; see
-``custom.dicom.report`` and docs/dicom.md. The network sizes, checkpoint and thresholds come from the
-inference config (``--overrides``: a YAML/JSON file or dict of config id -> value, e.g. the demo network's
-sizes).
+docs/dicom.md. It runs the bundle's declared workflow, ``configs/inference.yaml`` with
+``configs/inference_dicom.yaml`` merged on it (``custom.dicom.writers``); the network sizes, checkpoint and
+thresholds come from those configs (``--overrides``: a YAML/JSON file or dict of config id -> value, e.g. the
+demo network's sizes).
 
 Exit status: 0 all written; 1 some inputs refused or failed (listed in OUT/errors.txt, the rest written);
 2 nothing could run (bad config, checkpoint or input path).
@@ -44,19 +45,21 @@ def _overrides(overrides) -> dict:
 
 
 def dicom_infer(input: str, out_dir: str, config_file: str = str(REPO_ROOT / "bundle/configs/inference.yaml"),
-                ckpt_path: str | None = None, calibration_file: str | None = None, overrides=None,
+                ckpt_path: str | None = None, thresholds_file: str | None = None, overrides=None,
                 uid_prefix: str | None = None) -> int:
     """Report on one DICOM file or every file of a folder; returns the exit status (0 ok, 1 some failed).
 
     Args:
         input: a DICOM radiograph, or a folder (its DICOM files, by content or extension).
         out_dir: output folder.
-        config_file: the bundle's inference config (its ``bundle_root`` must point at the bundle folder).
-        ckpt_path / calibration_file: override the config's ``ckpt_path`` / ``calibration_file``.
+        config_file: the bundle's inference config (its ``bundle_root`` must point at the bundle folder);
+            ``inference_dicom.yaml`` beside it is merged on it.
+        ckpt_path / thresholds_file: override the config's ``ckpt_path`` / ``thresholds_file``.
         overrides: further config id -> value pairs (dict or YAML/JSON file).
         uid_prefix: UID root for the new series and instances (pydicom's when None).
     """
-    from custom.dicom.report import reporter_from_config
+    from monai.bundle import ConfigWorkflow
+
     from custom.inference.inputs import resolve_inputs
 
     settings = _overrides(overrides)
@@ -64,17 +67,22 @@ def dicom_infer(input: str, out_dir: str, config_file: str = str(REPO_ROOT / "bu
         settings.setdefault("bundle_root", str(REPO_ROOT / "bundle"))
     if ckpt_path is not None:
         settings["ckpt_path"] = str(ckpt_path)
-    if calibration_file is not None:
-        settings["calibration_file"] = str(calibration_file)
-    items = resolve_inputs(input)  # raises naming the path when it does not exist or holds no image
-    reporter, _ = reporter_from_config(config_file, settings, uid_prefix)
+    if thresholds_file is not None:
+        settings["thresholds_file"] = str(thresholds_file)
+    resolve_inputs(input)  # raises naming the path when it does not exist or holds no image
+    settings.update({"input": str(input), "output_dir": str(out_dir), "uid_prefix": uid_prefix})
+    dicom_config = str(Path(config_file).with_name("inference_dicom.yaml"))
+    workflow = ConfigWorkflow(config_file=[config_file, dicom_config], workflow_type="infer", **settings)
+    workflow.initialize()
+    workflow.run()
+    evaluator = workflow.parser.get_parsed_content("evaluator")
+    for name in evaluator.written:
+        print(Path(out_dir) / f"{name}_sr.dcm")
     try:
-        done = reporter.run(items, out_dir)
+        workflow.finalize()
     except RuntimeError as error:
         print(f"dicom_infer: {error}", file=sys.stderr)
         return 1
-    for report in done:
-        print(f"{report['sr']}\n{report['overlay']}")
     return 0
 
 

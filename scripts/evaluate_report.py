@@ -5,11 +5,11 @@
 the prior, Youden thresholds) and writes a report folder, e.g. to try another component rule or threshold
 grid, and times it.
 
-Usage: python scripts/evaluate_report.py OUTPUTS.pt --report_dir=DIR [--calibration_file=PATH]
+Usage: python scripts/evaluate_report.py OUTPUTS.pt --report_dir=DIR [--thresholds_file=PATH]
        [--mode=percentile] [--start=0.6] [--stop=1.0] [--steps=41] [--component=largest] [--connectivity=8]
        [--seed=0] [--num_overlays=8] [--overlay_map=mix] [--workers=None]
-``--calibration_file`` is written only when given (the model's calibration.json stays as evaluate.yaml
-left it).
+``--thresholds_file`` is written only when given (the model's thresholds.json stays as evaluate.yaml left
+it). The Det painting settings are those the outputs were saved with.
 """
 
 from __future__ import annotations
@@ -24,15 +24,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from custom.inference.evaluation import EvaluationOutputs  # noqa: E402
-from custom.inference.workflow import evaluate_and_report  # noqa: E402
+from custom.evaluation.outputs import EvaluationOutputs  # noqa: E402
+from custom.evaluation.settings import EvaluationSettings  # noqa: E402
+from custom.evaluation.workflow import evaluate_and_report  # noqa: E402
 from custom.metrics import percentile_grid  # noqa: E402
 
 
 def main(
     outputs: str,
     report_dir: str,
-    calibration_file: str | None = None,
+    thresholds_file: str | None = None,
     mode: str = "percentile",
     start: float = 0.6,
     stop: float = 1.0,
@@ -44,7 +45,7 @@ def main(
     overlay_map: str = "mix",
     workers: int | None = None,
 ) -> None:
-    """Load OUTPUTS, score, write the report (and the calibration file if given); print the timings.
+    """Load OUTPUTS, score, write the report (and the thresholds file if given); print the timings.
 
     With ``mode="absolute"`` the candidates are ``steps`` values evenly spaced in [start, stop] of the map
     values; with "percentile" they are quantiles (the authors' grid by default).
@@ -56,20 +57,12 @@ def main(
     candidates = (
         percentile_grid(start, stop, steps) if mode == "percentile" else np.linspace(start, stop, steps)
     )
-    done = evaluate_and_report(
-        loaded,
-        report_dir,
-        calibration_file,
-        candidates,
-        mode,
-        component,
-        connectivity,
-        seed,
-        num_overlays=num_overlays,
-        overlay_map=overlay_map,
-        workers=workers,
-        provenance={"outputs": str(outputs)},
+    settings = EvaluationSettings(
+        weighting=loaded.weighting, normalize=loaded.normalize, sharpness=loaded.sharpness,
+        candidates=candidates, mode=mode, component=component, connectivity=connectivity, seed=seed,
+        num_overlays=num_overlays, overlay_map=overlay_map, workers=workers,
     )
+    done = evaluate_and_report(loaded, report_dir, thresholds_file, settings, provenance={"outputs": str(outputs)})
     maps = loaded.box_maps["mix"]
     print(
         f"{maps.shape[0]} box images x {maps.shape[1]} classes ({len(loaded.gt_boxes)} boxes, maps "

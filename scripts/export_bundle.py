@@ -3,23 +3,25 @@
 Usage::
 
     python scripts/export_bundle.py --out_dir dist [--model runs/demo/models/model.pt]
-        [--calibration runs/demo/models/calibration.json] [--overrides overrides.yaml] [--torchscript true]
+        [--thresholds runs/demo/models/thresholds.json] [--overrides bundle/configs/demo_network.yaml]
+        [--torchscript true]
 
 Writes ``<out_dir>/chestxray14_rpsal_detection/`` and ``<out_dir>/chestxray14_rpsal_detection.zip`` (the zip
 holds that one folder, as the zoo's zips do):
 
-- ``configs/``: every ``bundle/configs/*.{yaml,json,conf}`` with ``bundle_root: .`` (paths resolve from the
-  bundle folder: run ``python -m monai.bundle run --config_file configs/inference.yaml`` THERE);
+- ``configs/``: every ``bundle/configs/*.{yaml,json,conf}``, the YAML ones read and written through MONAI's
+  config API with ``bundle_root: .`` (paths resolve from the bundle folder: run ``python -m monai.bundle run
+  --config_file configs/inference.yaml`` THERE);
 - ``custom/``: this project's Python package, copied inside (the zoo's CI and MONAI Label put the bundle root
   on ``sys.path``, so ``custom.*`` targets resolve without this repository);
 - ``docs/`` (model card, data licence), ``LICENSE``;
-- ``models/``: ``model.pt`` and ``calibration.json`` when given (weights are optional), and ``model.ts``
+- ``models/``: ``model.pt`` and ``thresholds.json`` when given (weights are optional), and ``model.ts``
   (TorchScript, traced, via ``monai.bundle ckpt_export``) with ``--torchscript true``.
 
-``--overrides`` (a YAML/JSON file or a dict of config id -> value, e.g. the demo network's sizes) is appended
-to ``configs/inference.yaml`` as top-level ``id: value`` lines, which MONAI's config loader applies after the
-rest of the file, so the exported inference config matches the weights shipped. When it sets ``image_size``,
-the input and map shapes in ``metadata.json`` follow.
+``--overrides`` (a YAML/JSON file or a dict of config id -> value, e.g. ``bundle/configs/demo_network.yaml``,
+the demo network's sizes) is set in ``configs/inference.yaml`` by config id, so the exported inference config
+is self-contained (the model zoo and MONAI Label read it alone) and matches the weights shipped. When it sets
+``image_size``, the input and map shapes in ``metadata.json`` follow.
 
 Exit status 0 on success; a missing file or an existing non-empty output folder (without ``--force``) is an
 error naming the path.
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -42,8 +43,6 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_NAME = "chestxray14_rpsal_detection"
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json", ".conf")
-# A top-level ``bundle_root: ...`` line of a YAML config (not one nested under another key).
-BUNDLE_ROOT_LINE = re.compile(r"^bundle_root:.*$", re.MULTILINE)
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", ".*")
 
 
@@ -67,39 +66,40 @@ def _read_overrides(overrides) -> dict:
     return dict(content)
 
 
-def rewrite_bundle_root(text: str, path: Path) -> str:
-    """Set a YAML config's top-level ``bundle_root`` to ``.``: the exported bundle runs from its folder."""
-    text, count = BUNDLE_ROOT_LINE.subn("bundle_root: .", text)
-    if count > 1:
-        raise ExportError(f"{path}: {count} top-level bundle_root lines; expected at most one")
-    return text
+def exported_config(path: Path, overrides: Mapping | None = None) -> dict:
+    """A YAML config of the repository as the exported bundle holds it, through MONAI's config API: read with
+    ``ConfigParser``, ``bundle_root`` set to ``.`` (the bundle runs from its own folder) where the file sets
+    one, and the overrides applied by config id (``network_def#backbone`` sets that entry)."""
+    from monai.bundle import ConfigParser
+
+    try:
+        parser = ConfigParser(ConfigParser.load_config_file(path))
+    except Exception as error:  # a YAML error or a non-mapping file
+        raise ExportError(f"{path}: not a readable bundle config ({error})") from error
+    if "bundle_root" in parser.config:
+        parser["bundle_root"] = "."
+    for key, value in (overrides or {}).items():
+        current = parser.get(str(key))
+        if isinstance(current, Mapping) and "_target_" in current and not (
+            isinstance(value, Mapping) and "_target_" in value
+        ):
+            raise ExportError(f"{path}: '{key}' is a component; override its entries as '{key}#<entry>'")
+        try:
+            parser[str(key)] = value
+        except (KeyError, TypeError, ValueError) as error:
+            raise ExportError(f"{path}: cannot set '{key}' ({error})") from error
+    return parser.config
 
 
-def apply_overrides(text: str, overrides: Mapping, path: Path) -> str:
-    """Apply config overrides to a YAML config's text, keeping its comments.
+def write_config(config: dict, target: Path, source: Path) -> None:
+    """Write an exported YAML config (keys in the source's order), headed by where its comments are."""
+    from monai.bundle import ConfigParser
 
-    A plain id that is a top-level key with a one-line value (``image_size: 512``) is rewritten in place (a
-    second top-level key would be a duplicate); every other id (``network_def#backbone``) is appended as a
-    top-level ``id: value`` line, which MONAI's loader applies after the file's own keys.
-    """
-    appended = {}
-    for key, value in overrides.items():
-        key = str(key)
-        line = re.compile(rf"^{re.escape(key)}:(.*)$", re.MULTILINE)
-        match = line.search(text)
-        if "#" in key or match is None:
-            appended[key] = value
-            continue
-        if not match.group(1).split("#")[0].strip():
-            raise ExportError(f"{path}: '{key}' is a block; override its entries as '{key}#<entry>'")
-        dumped = yaml.safe_dump({key: value}, default_flow_style=True, width=10**6).strip()[1:-1]
-        replacement = f"{dumped}  # set by scripts/export_bundle.py"
-        text = text[:match.start()] + replacement + text[match.end():]
-    if appended:
-        dumped = yaml.safe_dump(appended, sort_keys=False, default_flow_style=False, width=110)
-        text = (text.rstrip("\n") + "\n\n# ---- overrides applied by scripts/export_bundle.py (to match the "
-                "weights shipped in models/) ----\n" + dumped)
-    return text
+    ConfigParser.export_config_file(config, str(target), fmt="yaml", sort_keys=False, width=110,
+                                    default_flow_style=False)
+    header = (f"# {source.name} of the {BUNDLE_NAME} bundle, exported by scripts/export_bundle.py; the commented\n"
+              f"# original is bundle/configs/{source.name} in the repository (docs/sharing.md).\n")
+    target.write_text(header + target.read_text(encoding="utf-8"), encoding="utf-8")
 
 
 def update_metadata(metadata: dict, overrides: Mapping) -> dict:
@@ -126,7 +126,7 @@ def _copy_file(source: Path, target: Path, what: str) -> None:
     shutil.copyfile(source, target)
 
 
-def write_bundle_folder(bundle: Path, model=None, calibration=None, overrides=None) -> dict:
+def write_bundle_folder(bundle: Path, model=None, thresholds=None, overrides=None) -> dict:
     """Write the bundle folder (configs, custom, docs, LICENSE, models); returns the metadata written."""
     overrides = _read_overrides(overrides)
     configs = bundle / "configs"
@@ -140,12 +140,11 @@ def write_bundle_folder(bundle: Path, model=None, calibration=None, overrides=No
             metadata = update_metadata(json.loads(source.read_text(encoding="utf-8")), overrides)
             (configs / source.name).write_text(json.dumps(metadata, indent=4) + "\n", encoding="utf-8")
             continue
-        text = source.read_text(encoding="utf-8")
         if source.suffix in (".yaml", ".yml"):
-            text = rewrite_bundle_root(text, source)
-            if source.name == "inference.yaml":
-                text = apply_overrides(text, overrides, source)
-        (configs / source.name).write_text(text, encoding="utf-8")
+            config = exported_config(source, overrides if source.name == "inference.yaml" else None)
+            write_config(config, configs / source.name, source)
+        else:
+            shutil.copyfile(source, configs / source.name)
     if metadata is None:
         raise ExportError(f"{source_configs}: metadata.json not found")
     if not (configs / "inference.yaml").is_file():
@@ -158,8 +157,8 @@ def write_bundle_folder(bundle: Path, model=None, calibration=None, overrides=No
     (bundle / "models").mkdir()
     if model is not None:
         _copy_file(Path(model), bundle / "models" / "model.pt", "model checkpoint")
-    if calibration is not None:
-        _copy_file(Path(calibration), bundle / "models" / "calibration.json", "calibration file")
+    if thresholds is not None:
+        _copy_file(Path(thresholds), bundle / "models" / "thresholds.json", "thresholds file")
     return metadata
 
 
@@ -194,23 +193,28 @@ def zip_bundle(bundle: Path, zip_path: Path) -> Path:
     return zip_path
 
 
-def export_bundle(out_dir: str = "dist", model: str | None = None, calibration: str | None = None,
+def export_bundle(out_dir: str = "dist", model: str | None = None, thresholds: str | None = None,
                   overrides=None, torchscript: bool = False, make_zip: bool = True,
-                  force: bool = False) -> str:
+                  force: bool = False, calibration: str | None = None) -> str:
     """Write the self-contained bundle folder (and zip) under ``out_dir``.
 
     Args:
         out_dir: output folder; the bundle goes to ``out_dir/chestxray14_rpsal_detection``.
         model: a trained ``model.pt`` (RpSalNet state dict) to ship; None ships no weights.
-        calibration: the ``calibration.json`` evaluate.yaml wrote for that model; None: inference defaults.
-        overrides: config id -> value (dict, or a YAML/JSON file) appended to ``configs/inference.yaml``.
+        thresholds: the ``thresholds.json`` evaluate.yaml wrote for that model; None: inference defaults.
+        overrides: config id -> value (dict, or a YAML/JSON file such as ``bundle/configs/demo_network.yaml``)
+            set in ``configs/inference.yaml``.
         torchscript: also write ``models/model.ts`` (needs ``model``).
         make_zip: also write ``out_dir/chestxray14_rpsal_detection.zip``.
         force: replace an existing bundle folder.
+        calibration: deprecated name of ``thresholds`` (bundle 0.1.0).
 
     Returns:
         The bundle folder's path (printed by the CLI).
     """
+    if calibration is not None:
+        print("export_bundle: --calibration is deprecated, use --thresholds", file=sys.stderr)
+        thresholds = thresholds or calibration
     out_dir = Path(out_dir).resolve()
     bundle = out_dir / BUNDLE_NAME
     if bundle.exists():
@@ -219,7 +223,7 @@ def export_bundle(out_dir: str = "dist", model: str | None = None, calibration: 
         shutil.rmtree(bundle)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        metadata = write_bundle_folder(bundle, model, calibration, overrides)
+        metadata = write_bundle_folder(bundle, model, thresholds, overrides)
         if torchscript:
             export_torchscript(bundle, metadata)
     except BaseException:

@@ -20,6 +20,8 @@ import pytest
 import torch
 from conftest import REPO_ROOT, TINY_NETWORK
 
+from custom.inference.findings import validate_findings
+
 SAMPLE_PNG = REPO_ROOT / "tests" / "data" / "nih_sample" / "images" / "00001369_000.png"
 SCHEMA = REPO_ROOT / "tests" / "data" / "schema" / "meta_schema_20240725.json"
 BUNDLE = "chestxray14_rpsal_detection"
@@ -28,8 +30,8 @@ BUNDLE = "chestxray14_rpsal_detection"
 TINY_OVERRIDES = {
     "image_size": 64,
     "num_workers": 0,
-    **{f"network_def#{key}": value for key, value in TINY_NETWORK.items()},
-    "calibration_defaults#default_decision_threshold": 0.0,
+    **{f"network_sizes#{key}": value for key, value in TINY_NETWORK.items()},
+    "threshold_defaults#default_decision_threshold": 0.0,
 }
 
 
@@ -75,7 +77,8 @@ def test_zip_holds_a_self_contained_bundle(exported):
     assert all(name.startswith(f"{BUNDLE}/") for name in names)
     for required in ("configs/inference.yaml", "configs/train.yaml", "configs/metadata.json", "LICENSE",
                      "docs/README.md", "docs/data_license.txt", "custom/__init__.py",
-                     "custom/networks/rpsal.py", "custom/inference/pipeline.py", "custom/dicom/sr.py",
+                     "custom/networks/rpsal.py", "custom/inference/postprocessing.py", "custom/dicom/sr.py",
+                     "custom/localisation/box_rule.py", "docs/findings_schema.json",
                      "models/model.pt", "models/model.ts"):
         assert f"{BUNDLE}/{required}" in names, required
     assert not any("__pycache__" in name or name.endswith(".pyc") for name in names)
@@ -88,11 +91,14 @@ def test_zip_holds_a_self_contained_bundle(exported):
 
 def test_exported_configs_run_from_the_bundle_folder_and_match_the_weights(exported):
     folder = exported["folder"]
-    inference = (folder / "configs" / "inference.yaml").read_text()
-    train = (folder / "configs" / "train.yaml").read_text()
-    assert "\nbundle_root: .\n" in inference and "\nbundle_root: .\n" in train
-    assert "image_size: 64  # set by scripts/export_bundle.py" in inference
-    assert "network_def#backbone: densenet_small" in inference
+    from monai.bundle import ConfigParser
+
+    inference = ConfigParser.load_config_file(folder / "configs" / "inference.yaml")
+    train = ConfigParser.load_config_file(folder / "configs" / "train.yaml")
+    assert inference["bundle_root"] == "." and train["bundle_root"] == "."
+    assert inference["image_size"] == 64 and inference["network_sizes"]["backbone"] == "densenet_small"
+    assert train["network_sizes"]["backbone"] == "densenet121"  # overrides go to the inference config only
+    assert (folder / "configs" / "inference.yaml").read_text().startswith("# inference.yaml of the")
     metadata = json.loads((folder / "configs" / "metadata.json").read_text())
     jsonschema.validate(metadata, json.loads(SCHEMA.read_text()))
     assert metadata["network_data_format"]["inputs"]["image"]["spatial_shape"] == [64, 64]
@@ -125,6 +131,7 @@ def test_unzipped_bundle_runs_inference_on_a_real_png_without_the_repository(unp
                            env=_bare_env(), capture_output=True, text=True, check=False, timeout=120)
     assert Path(where.stdout.strip()).resolve() == (unpacked / "custom" / "__init__.py").resolve(), where
     content = json.loads((out / f"{SAMPLE_PNG.stem}.json").read_text())
+    validate_findings(content, unpacked)  # the schema shipped in the bundle
     probabilities = content["probabilities"]
     assert len(probabilities) == 14 and all(0.0 <= p <= 1.0 for p in probabilities.values())
     assert content["original_size"] == [1024, 1024]

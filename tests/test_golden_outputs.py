@@ -82,8 +82,8 @@ def test_inference_reproduces_the_golden_findings(tmp_path):
     command = [
         sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundle/configs/inference.yaml",
         "--input", str(inputs), "--output_dir", str(out), "--ckpt_path", str(model),
-        "--calibration_file", str(GOLDEN / "calibration.json"), "--image_size", "64", "--num_workers", "0",
-        "--postprocessing#overlays", "False",
+        "--thresholds_file", str(GOLDEN / "calibration.json"), "--image_size", "64", "--num_workers", "0",
+        "--overlays", "False",
     ]
     for key, value in TINY_NETWORK.items():
         command += [f"--network_def#{key}", str(value)]

@@ -1,5 +1,5 @@
-"""Inference on files: input lists and safe output names, calibration file, the model -> findings pipeline,
-NIfTI maps, and `python -m monai.bundle run --config_file bundle/configs/inference.yaml` on real NIH PNGs, a
+"""Inference on files: input lists and safe output names, the thresholds file, the declared path (inferer ->
+postprocessing -> findings document, checked against the shipped schema), the writers (NIfTI maps, overlays), and `python -m monai.bundle run --config_file bundle/configs/inference.yaml` on real NIH PNGs, a
 real DICOM and corrupt files."""
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ import torch
 from PIL import Image
 
 from conftest import REPO_ROOT, TINY_NETWORK, subprocess_env
-from custom.inference.boxes import extract_boxes
-from custom.inference.calibration_file import Calibration, load_calibration, save_calibration
+from custom.inference.findings import validate_findings
+from custom.inference.inferer import RpSalInferer
 from custom.inference.inputs import assign_output_names, resolve_inputs, safe_stem
-from custom.inference.pipeline import box_scores, predict, predict_findings
-from custom.inference.runner import InferenceRunner
+from custom.inference.postprocessing import Findingsd, MapBoxesd, RpSalMapsd
 from custom.inference.writers import output_path, write_nifti_maps
+from custom.localisation import BoxRule, rpsal_maps
+from custom.thresholds_file import Thresholds, load_thresholds, save_thresholds
 from custom.labels import CLASS_NAMES
 from custom.networks.rpsal import RpSalProbabilities
 
@@ -119,104 +120,44 @@ def test_resolve_inputs_reads_a_file_a_folder_and_a_datalist(tmp_path):
         resolve_inputs(tmp_path / "empty")
 
 
-# ---- calibration file --------------------------------------------------------------------------------------
+# ---- the declared path -------------------------------------------------------------------------------------
 
 
-def test_calibration_round_trip_defaults_and_errors(tmp_path, caplog):
-    calibration = Calibration(
-        box_thresholds={"mix": {"Cardiomegaly": 0.75}},
-        decision_thresholds={"image": {"Mass": 0.3}},
-        component="max",
-        details={"note": [1, 2]},
-    )
-    path = save_calibration(calibration, tmp_path / "calibration.json")
-    loaded = load_calibration(path)
-    assert loaded.source == str(path) and loaded.component == "max" and loaded.details == {"note": [1, 2]}
-    boxes = loaded.box_threshold_vector("mix")
-    assert boxes[CLASS_NAMES.index("Cardiomegaly")] == 0.75 and boxes[0] == 0.9  # the default elsewhere
-    assert (
-        loaded.box_threshold_sources("mix")[1] == "two_fold"
-        and loaded.box_threshold_sources("mix")[0] == "default"
-    )
-    assert loaded.decision_threshold_vector("image")[CLASS_NAMES.index("Mass")] == 0.3
-    assert loaded.decision_threshold_vector("combined")[0] == 0.5
+def postprocess(network, images, sizes, thresholds, map_name="mix", logits="image") -> list[dict]:
+    """The declared path on a batch: the bundle's inferer, decollation, the postprocessing transforms."""
+    from monai.data import decollate_batch
+    from monai.transforms import Compose
 
-    with caplog.at_level("WARNING"):
-        defaults = load_calibration(tmp_path / "absent.json", component="union")
-    assert defaults.source is None and defaults.component == "union" and "no calibration file" in caplog.text
-    with pytest.raises(FileNotFoundError):
-        load_calibration(tmp_path / "absent.json", required=True)
-
-    content = json.loads(path.read_text())
-    content["inference_box_thresholds"]["mix"]["Flu"] = 0.5
-    (tmp_path / "unknown.json").write_text(json.dumps(content))
-    with pytest.raises(ValueError, match="unknown.json.*unknown classes"):
-        load_calibration(tmp_path / "unknown.json")
-    content["inference_box_thresholds"]["mix"] = {"Mass": 1.5}
-    (tmp_path / "range.json").write_text(json.dumps(content))
-    with pytest.raises(ValueError, match="range.json.*\\[0, 1\\]"):
-        load_calibration(tmp_path / "range.json")
-    with pytest.raises(ValueError, match="normalize must be true or false"):
-        Calibration(normalize="false")  # a command-line string would be truthy
-    with pytest.raises(ValueError, match="sharpness must be a positive number"):
-        Calibration(weighting="softmax", sharpness=0)
-    softmax = load_calibration(save_calibration(Calibration(weighting="softmax", sharpness=50.0),
-                                                tmp_path / "softmax.json"))
-    assert (softmax.weighting, softmax.sharpness) == ("softmax", 50.0)
-    # A file written before the softmax weighting has no sharpness: it reads as 1 (unused by sigmoid / raw).
-    del content["maps"]["sharpness"]
-    content["inference_box_thresholds"]["mix"] = {}
-    (tmp_path / "before.json").write_text(json.dumps(content))
-    assert load_calibration(tmp_path / "before.json").sharpness == 1.0
-    (tmp_path / "old.json").write_text(json.dumps({"format_version": 0}))
-    with pytest.raises(ValueError, match="old.json.*format_version"):
-        load_calibration(tmp_path / "old.json")
+    outputs = RpSalInferer()(images, network)
+    transforms = Compose([
+        RpSalMapsd("pred", thresholds, logits),
+        MapBoxesd("maps", thresholds, map_name),
+        Findingsd("findings", thresholds, map_name, logits),
+    ])
+    return [transforms({"image": images[b], "original_size": sizes[b], "image_path": f"image{b}.png", "pred": pred})
+            for b, pred in enumerate(decollate_batch(outputs))]
 
 
-# ---- the pipeline ------------------------------------------------------------------------------------------
-
-
-def test_box_scores_are_the_mean_of_the_map_inside_each_box():
-    generator = torch.Generator().manual_seed(0)
-    maps = torch.rand(3, 5, 12, 10, generator=generator)
-    corners = torch.randint(0, 10, (3, 5, 2, 2), generator=generator)
-    boxes = torch.stack(
-        [
-            corners[..., 0].min(-1).values,
-            corners[..., 1].min(-1).values,
-            corners[..., 0].max(-1).values + 1,
-            corners[..., 1].max(-1).values + 1,
-        ],
-        -1,
-    ).float()
-    boxes[0, 0] = torch.nan
-    scores = box_scores(maps, boxes)
-    for b in range(3):
-        for k in range(5):
-            if b == 0 and k == 0:
-                assert math.isnan(scores[b, k])
-                continue
-            x0, y0, x1, y1 = boxes[b, k].long().tolist()
-            assert scores[b, k] == pytest.approx(float(maps[b, k, y0:y1, x0:x1].mean()), rel=1e-5)
-
-
-def test_predict_findings_matches_the_network_and_the_box_extraction():
+def test_postprocessing_matches_the_network_and_the_box_rule():
     network = tiny_network()
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     sizes = [[1024, 1024], [1955, 1841]]
-    everything = Calibration(
+    everything = Thresholds(
         decision_thresholds={"image": {name: 0.0 for name in CLASS_NAMES}},
         box_thresholds={"mix": {"Nodule": 0.97}},
     )
-    results = predict_findings(network, images, sizes, everything)
-    prediction = predict(network, images, sizes, everything)
+    items = postprocess(network, images, sizes, everything)
     with torch.no_grad():
         expected_probabilities = network(images)
-    expected_boxes, expected_valid = extract_boxes(
-        prediction.maps["mix"], everything.box_threshold_vector("mix"), sizes
-    )
-    assert len(results) == 2
-    for b, result in enumerate(results):
+        output = network.outputs(images, with_detection=True)
+    expected_maps = rpsal_maps(output.saliency_logits, output.proposal_logits, output.refined_boxes, 64)
+    expected = BoxRule().boxes(expected_maps["mix"], everything.box_threshold_vector("mix"), sizes)
+    assert len(items) == 2
+    for b, item in enumerate(items):
+        result = item["findings"]
+        validate_findings(result, REPO_ROOT / "bundle")
+        assert result["image"] == f"image{b}.png" and result["original_size"] == sizes[b]
+        torch.testing.assert_close(item["maps"]["mix"], expected_maps["mix"][b])
         probabilities = np.array([result["probabilities"][name] for name in CLASS_NAMES])
         np.testing.assert_allclose(probabilities, expected_probabilities[b].numpy(), atol=1e-6)
         assert result["positive"] == list(CLASS_NAMES)  # threshold 0: every class is positive
@@ -225,22 +166,21 @@ def test_predict_findings_matches_the_network_and_the_box_extraction():
         height, width = sizes[b]
         for k, name in enumerate(CLASS_NAMES):
             if name not in boxed:
-                assert not expected_valid[b, k]
+                assert not expected.valid[b, k]
                 continue
             finding = boxed[name]
             x0, y0, x1, y1 = finding["box"]
             assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
-            np.testing.assert_allclose(finding["box"], expected_boxes[b, k].numpy(), atol=2e-3)
+            np.testing.assert_allclose(finding["box"], expected.boxes[b, k].numpy(), atol=2e-3)
             assert finding["box_format"] == "xyxy" and finding["map"] == "mix" and finding["score"] > 0
         assert boxed.get("Nodule", {"box_threshold": 0.97})["box_threshold"] == 0.97
-    nothing = Calibration(decision_thresholds={"image": {name: 1.0 for name in CLASS_NAMES}})
-    assert all(
-        r["positive"] == [] and r["findings"] == [] for r in predict_findings(network, images, sizes, nothing)
-    )
-    combined = predict(network, images, sizes, everything, map_name="det", logits="combined")
-    assert combined.logits == "combined" and combined.map_name == "det"
+    nothing = Thresholds(decision_thresholds={"image": {name: 1.0 for name in CLASS_NAMES}})
+    assert all(item["findings"]["positive"] == [] and item["findings"]["findings"] == []
+               for item in postprocess(network, images, sizes, nothing))
+    combined = postprocess(network, images, sizes, everything, map_name="det", logits="combined")[0]["findings"]
+    assert combined["model"]["logits"] == "combined" and combined["model"]["map"] == "det"
     with pytest.raises(ValueError, match="map"):
-        predict(network, images, sizes, everything, map_name="cam")
+        MapBoxesd("maps", everything, map_name="cam")
 
 
 def test_nifti_maps_put_voxels_on_original_pixel_centres(tmp_path):
@@ -259,7 +199,7 @@ def test_nifti_maps_put_voxels_on_original_pixel_centres(tmp_path):
 # ---- the bundle command ------------------------------------------------------------------------------------
 
 
-def inference_command(inputs, output_dir: Path, model: Path, calibration: Path, *extra: str) -> list[str]:
+def inference_command(inputs, output_dir: Path, model: Path, thresholds: Path, *extra: str) -> list[str]:
     overrides = [
         "--input",
         str(inputs),
@@ -267,8 +207,8 @@ def inference_command(inputs, output_dir: Path, model: Path, calibration: Path, 
         str(output_dir),
         "--ckpt_path",
         str(model),
-        "--calibration_file",
-        str(calibration),
+        "--thresholds_file",
+        str(thresholds),
         "--image_size",
         "64",
         "--num_workers",
@@ -299,15 +239,13 @@ def test_bundle_inference_on_real_png_and_dicom_skips_corrupt_files(tiny_trained
     (folder / "text.png").write_text("this is not an image\n")
     (folder / "notes.txt").write_text("ignored: not an image by name")
     # Every class positive (decision threshold 0): each image gets 14 boxes to check.
-    calibration = save_calibration(
-        Calibration(decision_thresholds={"image": dict.fromkeys(CLASS_NAMES, 0.0)}),
-        tmp_path / "calibration.json",
+    thresholds = save_thresholds(
+        Thresholds(decision_thresholds={"image": dict.fromkeys(CLASS_NAMES, 0.0)}),
+        tmp_path / "thresholds.json",
     )
     out = tmp_path / "out"
     result = subprocess.run(
-        inference_command(
-            folder, out, tiny_trained_model["model"], calibration, "--postprocessing#nifti_maps", "['mix']"
-        ),
+        inference_command(folder, out, tiny_trained_model["model"], thresholds, "--nifti_maps", "['mix']"),
         cwd=REPO_ROOT,
         env=subprocess_env(),
         capture_output=True,
@@ -329,6 +267,7 @@ def test_bundle_inference_on_real_png_and_dicom_skips_corrupt_files(tiny_trained
     assert sorted(p.stem for p in out.glob("*.json") if p.stem != "summary") == sorted(sizes)
     for stem, (height, width) in sizes.items():
         content = json.loads((out / f"{stem}.json").read_text())
+        validate_findings(content, REPO_ROOT / "bundle")
         assert Path(content["image"]).name.startswith(stem) and content["original_size"] == [height, width]
         assert content["model"]["logits"] == "image" and content["model"]["checkpoint_sha256"]
         probabilities = content["probabilities"]
@@ -377,15 +316,16 @@ def test_datalist_inference_keeps_outputs_inside_the_folder(tiny_trained_model, 
             "output_dir": str(tmp_path / "out"),
             "image_size": 64,
             "ckpt_path": str(tiny_trained_model["model"]),
-            "calibration_file": str(tmp_path / "none.json"),
+            "thresholds_file": str(tmp_path / "none.json"),
             "num_workers": 0,
-            "postprocessing#overlays": False,
-            **{f"network_def#{k}": v for k, v in TINY_NETWORK.items()},
+            "overlays": False,
+            **{f"network_sizes#{k}": v for k, v in TINY_NETWORK.items()},
         }
     )
     parser.get_parsed_content("initialize")  # loads the weights
-    runner = parser.get_parsed_content("evaluator")
-    summary = runner.run()
+    evaluator = parser.get_parsed_content("evaluator")
+    evaluator.run()
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert (summary["written"], summary["failed"]) == (2, 1)
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert written[:2] == ["00001369_000.json", "00001369_000_" + written[1][len("00001369_000_") :]]
@@ -393,8 +333,42 @@ def test_datalist_inference_keeps_outputs_inside_the_folder(tiny_trained_model, 
     assert set(written[2:]) == {"errors.txt", "summary.json"}
     assert not any(p.name.endswith(".json") for p in tmp_path.iterdir())  # nothing escaped upwards
     first = json.loads((tmp_path / "out" / "00001369_000.json").read_text())
-    assert first["model"]["calibration_file"] is None and first["decision_thresholds"]["Mass"] == 0.5
+    assert first["model"]["thresholds_file"] is None and first["decision_thresholds"]["Mass"] == 0.5
+    assert first["files"] == {}  # no overlay asked for
     with pytest.raises(RuntimeError, match="1 of 3 input"):
-        runner.finalize()
-    with pytest.raises(ValueError, match="overlays must be true or false"):
-        InferenceRunner(runner.network, [], tmp_path, runner.calibration, "cpu", overlays="false")
+        evaluator.finalize()
+    parser["overlays"] = "false"  # a command-line string would be truthy
+    parser.parse()
+    with pytest.raises(Exception) as raised:
+        parser.get_parsed_content("initialize")
+    chain = [raised.value, raised.value.__cause__, raised.value.__context__]
+    assert any("overlays must be true or false" in str(error) for error in chain if error), chain
+
+
+def test_the_readme_command_runs_the_demo_model_with_its_network_fragment_only(tmp_path):
+    """``inference.yaml`` + ``demo_network.yaml`` + --input/--output_dir/--ckpt_path, nothing else: the demo
+    training's network (sizes from the same fragment, through demo.yaml), its thresholds file read from beside
+    the checkpoint."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(REPO_ROOT / "bundle/configs/train.yaml"), str(REPO_ROOT / "bundle/configs/demo.yaml")])
+    torch.manual_seed(0)
+    models = tmp_path / "runs" / "demo" / "models"
+    models.mkdir(parents=True)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), models / "model.pt")
+    save_thresholds(Thresholds(decision_thresholds={"image": dict.fromkeys(CLASS_NAMES, 0.0)}),
+                    models / "thresholds.json")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+               "['bundle/configs/inference.yaml','bundle/configs/demo_network.yaml']",
+               "--input", str(NIH_IMAGES / "00000147_001.png"), "--output_dir", str(out),
+               "--ckpt_path", str(models / "model.pt")]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    content = json.loads((out / "00000147_001.json").read_text())
+    validate_findings(content, REPO_ROOT / "bundle")
+    assert content["model"]["input_size"] == [128, 128] and content["map_grid"] == [32, 32]
+    assert content["model"]["thresholds_file"] == str(models / "thresholds.json")
+    assert content["positive"] == list(CLASS_NAMES) and (out / content["files"]["overlay"]).is_file()

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from custom.inference.boxes import box_masks, extract_boxes
+from custom.localisation import BoxRule
+from custom.localisation.grid import box_masks
 from custom.metrics import (
     auc_per_class,
     box_iou,
-    calibrate_box_thresholds,
+    choose_box_thresholds,
     choose_thresholds,
     continuous_dice,
     gt_box_dice,
@@ -146,7 +147,7 @@ def test_iou_accuracy_and_per_class_means():
         iou_accuracy([np.nan], [0], 1)
 
 
-# ---- calibration -------------------------------------------------------------------------------------------
+# ---- threshold choice ---------------------------------------------------------------------------------------
 
 def calibration_set(seed=0, images=24, classes=3, size=16, side_of=None):
     """Maps with one bright square per (image, class) and noise; the ground truth is the square itself.
@@ -168,7 +169,7 @@ def calibration_set(seed=0, images=24, classes=3, size=16, side_of=None):
     return maps, np.array(gt_image), np.array(gt_class), np.array(gt_boxes), originals
 
 
-def test_sweep_equals_extract_boxes_at_each_candidate():
+def test_sweep_equals_the_box_rule_at_each_candidate():
     maps, gt_image, gt_class, gt_boxes, originals = calibration_set()
     candidates = [0.5, 0.8, 0.95]
     for mode, values in (("percentile", candidates), ("absolute", [0.3, 0.6, 0.9])):
@@ -177,7 +178,7 @@ def test_sweep_equals_extract_boxes_at_each_candidate():
                                       workers=1)
         assert np.array_equal(ious, serial)  # threads change nothing
         for q, value in enumerate(values):
-            boxes, _ = extract_boxes(maps, [value] * 3, originals, mode, "max")
+            boxes = BoxRule(mode, "max").boxes(maps, [value] * 3, originals).boxes
             np.testing.assert_allclose(ious[q], gt_box_iou(boxes, gt_image, gt_class, gt_boxes).numpy())
 
 
@@ -192,14 +193,14 @@ def test_choose_thresholds_maximises_each_class_mean_iou():
     assert chosen.tolist() == [0, 0, 1, -1]  # class 1 falls back to the best candidate over all used boxes
 
 
-def test_calibration_protocols():
+def test_threshold_choice_protocols():
     patients = np.arange(24) // 2  # two images per patient
     folds = patient_folds(patients, seed=0)
     # Large squares in fold 0, small ones in fold 1: the folds want different percentiles.
     maps, gt_image, gt_class, gt_boxes, originals = calibration_set(
         seed=1, side_of=lambda b: 10 if folds[b] == 0 else 3)
     candidates = percentile_grid(0.5, 0.98, 17)
-    result = calibrate_box_thresholds(maps, gt_image, gt_class, gt_boxes, originals, patients,
+    result = choose_box_thresholds(maps, gt_image, gt_class, gt_boxes, originals, patients,
                                       ["a", "b", "c"], candidates, component="largest")
     ious = sweep_box_thresholds(maps, gt_image, gt_class, gt_boxes, originals, candidates)
     # Paper protocol: per class, the best mean IoU over the grid.

@@ -26,6 +26,8 @@ from conftest import REPO_ROOT
 from pydicom.data import get_testdata_file
 from test_export import TINY_OVERRIDES, export_bundle
 
+from custom.inference.findings import validate_findings
+
 MODEL = "chestxray14_rpsal_detection"
 PNG = REPO_ROOT / "tests" / "data" / "nih_sample" / "images" / "00002578_000.png"
 CR = Path(get_testdata_file("RG1_UNCR.dcm"))
@@ -142,8 +144,9 @@ def _stop(process: subprocess.Popen) -> None:
 def _check_result(status: int, body: bytes, size: tuple[int, int], log: Path) -> dict:
     assert status == 200, body[:2000].decode(errors="replace") + log.read_text()[-3000:]
     result = json.loads(body)
+    validate_findings(result, REPO_ROOT / "bundle")  # MONAI Label's own keys (label_names, latencies) beside
     height, width = size
-    assert result["image_size"] == [height, width]
+    assert result["original_size"] == [height, width]
     probabilities = result["probabilities"]
     assert len(probabilities) == 14 and all(0.0 <= p <= 1.0 for p in probabilities.values())
     # Decision threshold 0 in the exported config: every class is positive and has a box or says it has none.
@@ -172,6 +175,20 @@ def test_infer_png_by_datastore_id_and_by_upload(server):
     # The same image gives the same answer either way.
     assert by_id["probabilities"] == uploaded["probabilities"]
     assert by_id["findings"] == uploaded["findings"]
+    # MONAI Label ran the bundle's own declared ids: its preprocessing, inferer and postprocessing.
+    log = server["log"].read_text()
+    for step in ("LoadChestXrayd", "RpSalInferer", "RpSalMapsd", "MapBoxesd", "Findingsd"):
+        assert step in log, step
+
+
+def test_the_task_only_sets_type_and_options():
+    """The app's task is MONAI Label's stock BundleInferTask: it overrides no transform or inferer step."""
+    import ast
+
+    tree = ast.parse((REPO_ROOT / "monailabel" / "rpsal_label" / "infer.py").read_text())
+    task = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "RpSalInferTask")
+    methods = {node.name for node in task.body if isinstance(node, ast.FunctionDef)}
+    assert methods == {"__init__", "run_detector", "writer"}, methods
 
 
 def test_infer_dicom_upload_returns_boxes_in_its_pixel_grid(server):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from custom.inference.maps import detection_map
+from custom.localisation.maps import detection_map
 from custom.losses import RpSalLoss
 from custom.networks.box_coder import clip_boxes
 from custom.networks.crop import BoxCrop

@@ -27,7 +27,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from test_inference import inference_command
 
-from custom.inference.calibration_file import Calibration, save_calibration
+from custom.thresholds_file import Thresholds, save_thresholds
 from custom.labels import CLASS_NAMES
 
 NIH_IMAGES = REPO_ROOT / "tests" / "data" / "nih_sample" / "images"
@@ -108,8 +108,8 @@ def stderr_lines_naming(stderr: str, name: str) -> list[str]:
 def test_every_bad_image_kind_in_one_folder_through_bundle_inference(tiny_trained_model, tmp_path):
     folder = tmp_path / "in"
     write_image_kinds(folder)
-    calibration = save_calibration(  # every class positive: each readable image gets its boxes checked
-        Calibration(decision_thresholds={"image": dict.fromkeys(CLASS_NAMES, 0.0)}), tmp_path / "cal.json"
+    calibration = save_thresholds(  # every class positive: each readable image gets its boxes checked
+        Thresholds(decision_thresholds={"image": dict.fromkeys(CLASS_NAMES, 0.0)}), tmp_path / "cal.json"
     )
     out = tmp_path / "out"
     result = subprocess.run(
@@ -232,8 +232,8 @@ def test_12000px_film_through_inference_and_preparation_with_peak_memory_under_4
     row = ((np.arange(side) // 7) % 251).astype(np.uint8)
     film = dataset / "images" / "film.png"
     Image.fromarray(np.broadcast_to(row, (side, side)).copy()).save(film, compress_level=1)
-    calibration = save_calibration(
-        Calibration(decision_thresholds={"image": dict.fromkeys(CLASS_NAMES, 0.0)}), tmp_path / "cal.json"
+    calibration = save_thresholds(
+        Thresholds(decision_thresholds={"image": dict.fromkeys(CLASS_NAMES, 0.0)}), tmp_path / "cal.json"
     )
     out = tmp_path / "out"
     command = inference_command(dataset / "images", out, tiny_trained_model["model"], calibration)
@@ -329,7 +329,7 @@ def test_atomic_output_keeps_the_previous_file_when_a_write_fails(tmp_path):
     """The one mechanism behind the JSON, datalist, calibration, NIfTI, overlay, evaluation-output and cache
     writes: the final name holds the old complete file or the new one, and a failed write leaves no temp."""
     from custom.atomic_file import atomic_output
-    from custom.inference.writers import write_json
+    from custom.atomic_file import write_json
 
     path = tmp_path / "nested" / "calibration.json"
     write_json(path, {"version": 1})
@@ -475,7 +475,7 @@ def test_infinite_loss_stops_training_naming_stage_epoch_and_iteration():
 
 
 def test_every_checkpoint_training_writes_loads_with_weights_only(tiny_trained_model):
-    from custom.inference.pipeline import load_checkpoint
+    from custom.weights_file import load_checkpoint
     from custom.networks.rpsal import RpSalNet
 
     files = sorted(p.name for p in tiny_trained_model["ckpt_dir"].glob("*.pt"))
@@ -505,8 +505,8 @@ class CreatesAFile:
 
 def test_checkpoint_holding_a_pickled_object_is_refused_and_runs_nothing(tmp_path):
     from custom.handlers.checkpoint import TrainingCheckpoint
-    from custom.inference.evaluation import EvaluationOutputs
-    from custom.inference.pipeline import load_checkpoint
+    from custom.evaluation.outputs import EvaluationOutputs
+    from custom.weights_file import load_checkpoint
     from custom.networks.backbones import PretrainedWeightsError, read_state_dict
     from custom.networks.rpsal import RpSalNet
     from custom.weights_file import CheckpointFileError
@@ -541,7 +541,7 @@ def test_checkpoint_holding_a_pickled_object_is_refused_and_runs_nothing(tmp_pat
 def test_dicom_outputs_stay_in_the_folder_whatever_the_file_name_and_tags(tiny_trained_model, tmp_path):
     """Output names come from the input's file name made safe, never from tag values: a radiograph whose name
     and tags hold paths writes its SR, overlay and JSON inside the output folder and nowhere else."""
-    from custom.dicom.report import reporter_from_config
+    from monai.bundle import ConfigWorkflow
 
     inputs = tmp_path / "in"
     write_image_kinds(inputs)
@@ -551,22 +551,29 @@ def test_dicom_outputs_stay_in_the_folder_whatever_the_file_name_and_tags(tiny_t
     hostile.StudyID = "/etc/passwd"
     source = inputs / "..a b;(0008,0018) ..dcm"
     hostile.save_as(source)
+    out = tmp_path / "out"
     overrides = {
         "bundle_root": str(REPO_ROOT / "bundle"),
         "ckpt_path": str(tiny_trained_model["model"]),
         "image_size": 64,
-        **{f"network_def#{key}": value for key, value in TINY_NETWORK.items()},
+        "num_workers": 0,
+        "input": str(source),
+        "output_dir": str(out),
+        **{f"network_sizes#{key}": value for key, value in TINY_NETWORK.items()},
     }
-    reporter, _ = reporter_from_config(str(REPO_ROOT / "bundle/configs/inference.yaml"), overrides)
-    out = tmp_path / "out"
+    configs = [str(REPO_ROOT / "bundle/configs" / name) for name in ("inference.yaml", "inference_dicom.yaml")]
+    workflow = ConfigWorkflow(config_file=configs, workflow_type="infer", **overrides)
     before = {p for p in tmp_path.rglob("*") if p.is_file()}
-    (report,) = reporter.run([source], out)
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
     written = {p for p in tmp_path.rglob("*") if p.is_file()} - before
     assert {p.parent for p in written} == {out}
     assert sorted(p.name for p in written) == sorted(
-        ["a_b_0008_0018_findings.json", "a_b_0008_0018_overlay.dcm", "a_b_0008_0018_sr.dcm", "errors.txt"]
+        ["a_b_0008_0018__findings.json", "a_b_0008_0018__overlay.dcm", "a_b_0008_0018__sr.dcm", "errors.txt",
+         "summary.json"]
     ), sorted(p.name for p in written)
-    assert pydicom.dcmread(report["sr"]).PatientID == "../../../../tmp/escaped"  # kept as data, not as a path
+    assert pydicom.dcmread(out / "a_b_0008_0018__sr.dcm").PatientID == "../../../../tmp/escaped"  # kept as data, not as a path
 
 
 def test_readme_and_model_card_say_that_configs_run_code():

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from custom.localisation.iou import box_iou
+
 from custom.labels import BOX_CLASS_NAMES, CLASS_NAMES, LABEL_ALIASES
 
 HIT_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
@@ -69,29 +71,6 @@ def read_bbox_list(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return {label: np.asarray(values, dtype=np.float64) for label, values in boxes.items()}
 
 
-def paired_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
-    """IoU of corresponding boxes.
-
-    Args:
-        boxes_a, boxes_b: float arrays [N, 4] (or broadcastable), xyxy in the same pixel space.
-
-    Returns:
-        float array [N]: IoU of ``boxes_a[i]`` with ``boxes_b[i]`` (0 where the union is empty).
-    """
-    boxes_a, boxes_b = np.asarray(boxes_a, dtype=np.float64), np.asarray(boxes_b, dtype=np.float64)
-    inter_w = np.clip(
-        np.minimum(boxes_a[..., 2], boxes_b[..., 2]) - np.maximum(boxes_a[..., 0], boxes_b[..., 0]), 0, None
-    )
-    inter_h = np.clip(
-        np.minimum(boxes_a[..., 3], boxes_b[..., 3]) - np.maximum(boxes_a[..., 1], boxes_b[..., 1]), 0, None
-    )
-    inter = inter_w * inter_h
-    area_a = (boxes_a[..., 2] - boxes_a[..., 0]) * (boxes_a[..., 3] - boxes_a[..., 1])
-    area_b = (boxes_b[..., 2] - boxes_b[..., 0]) * (boxes_b[..., 3] - boxes_b[..., 1])
-    union = area_a + area_b - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-
-
 def leave_one_out_ious(boxes: np.ndarray) -> np.ndarray:
     """IoU of each box with the mean of the other boxes (the no-image prediction for it).
 
@@ -108,7 +87,7 @@ def leave_one_out_ious(boxes: np.ndarray) -> np.ndarray:
         raise ValueError(f"leave-one-out needs at least 2 boxes, got {len(boxes)}")
     # The mean of xyxy corners equals the box of mean centre and mean size, so either convention gives this.
     others_mean = (boxes.sum(axis=0, keepdims=True) - boxes) / (len(boxes) - 1)
-    return paired_iou(boxes, others_mean)
+    return box_iou(boxes, others_mean).numpy()
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import re
 from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from custom.transforms.grey_image import GreyImage, ImageLoadError, read_grey_image
+from custom.transforms.grey_image import GreyImage, ImageLoadError, read_grey_image, read_image_size
 
 BUNDLE_NAME = "chestxray14_rpsal_detection"
 MANUFACTURER = "chestxray14_rpsal_detection (research use only)"
@@ -45,11 +44,36 @@ PATIENT_STUDY_OPTIONAL = (
     "PatientIdentityRemoved",
     "DeidentificationMethod",
 )
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 class DicomSourceError(ImageLoadError):
     """A DICOM input that cannot be reported on; the message names the file and the reason."""
+
+
+def check_source(path: str | os.PathLike) -> Dataset:
+    """What ``read_source`` refuses that the header shows, without decoding the pixels; returns the header.
+
+    Raises:
+        DicomSourceError: not a DICOM file, or no Study, Series or SOP Instance UID.
+        ImageLoadError: not a single-frame grey projection radiograph (CT, MR, SR, multi-frame ...).
+    """
+    path = Path(path)
+    read_image_size(path)  # refuses by header what read_grey_image would refuse after decoding
+    try:  # without force: a PNG or .npy is refused here, a DICOM without preamble still read
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as error:  # pydicom raises several kinds on non-DICOM bytes
+        raise DicomSourceError(path, "not a DICOM file; DICOM output needs a DICOM input to take the study "
+                                     f"from ({type(error).__name__})") from error
+    _check_uids(path, header)
+    return header
+
+
+def _check_uids(path: Path, header: Dataset) -> None:
+    for keyword, why in (("StudyInstanceUID", "the report cannot join its study"),
+                         ("SeriesInstanceUID", "the report cannot reference the image's series"),
+                         ("SOPInstanceUID", "the report cannot reference the image")):
+        if not str(header.get(keyword, "")).strip():
+            raise DicomSourceError(path, f"DICOM has no {keyword}; {why}")
 
 
 def read_source(path: str | os.PathLike) -> tuple[Dataset, GreyImage]:
@@ -73,11 +97,7 @@ def read_source(path: str | os.PathLike) -> tuple[Dataset, GreyImage]:
         raise DicomSourceError(path, f"not a DICOM file (read as {grey.source_format.upper()}); "
                                      "DICOM output needs a DICOM input to take the study from")
     header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-    for keyword, why in (("StudyInstanceUID", "the report cannot join its study"),
-                         ("SeriesInstanceUID", "the report cannot reference the image's series"),
-                         ("SOPInstanceUID", "the report cannot reference the image")):
-        if not str(header.get(keyword, "")).strip():
-            raise DicomSourceError(path, f"DICOM has no {keyword}; {why}")
+    _check_uids(path, header)
     return header, grey
 
 
@@ -137,20 +157,6 @@ def source_reference(source: Dataset) -> Dataset:
     item.ReferencedSOPClassUID = source.SOPClassUID
     item.ReferencedSOPInstanceUID = source.SOPInstanceUID
     return item
-
-
-def safe_output_path(out_dir: str | os.PathLike, stem: str, suffix: str) -> Path:
-    """``out_dir / <stem>_<suffix>.dcm`` with the stem reduced to [A-Za-z0-9._-] (never a tag value).
-
-    The result is checked to lie inside ``out_dir``, so no name (``..``, absolute paths, separators) can
-    write elsewhere. Raises ValueError when nothing usable is left of the stem.
-    """
-    out_dir = Path(out_dir).resolve()
-    clean = _SAFE_NAME.sub("_", stem).strip("._") or "radiograph"
-    path = (out_dir / f"{clean}_{suffix}.dcm").resolve()
-    if path.parent != out_dir:
-        raise ValueError(f"output name {path} escapes the output folder {out_dir}")
-    return path
 
 
 def save(ds: Dataset, path: Path) -> Path:

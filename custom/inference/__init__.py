@@ -1,1 +1,3 @@
-"""Inference after the network (paper Fig. 2): Sal/Det/Mix maps and their bounding boxes."""
+"""Inference as declared in ``inference.yaml``: inputs -> preprocessing -> ``RpSalInferer`` -> postprocessing
+transforms (maps -> boxes -> findings document) -> writers, tied by ``RpSalInferenceEvaluator``;
+``FindingsService`` runs the same path per image in a long-running process. See docs/architecture.md."""

@@ -180,7 +180,7 @@ def findings_overlay(
 
     Args:
         grey: (h', w') display image in [0, 1] (``load_display_image``); original_size: (H, W).
-        findings: the ``findings`` of the image's JSON (``custom.inference.pipeline.findings_json``).
+        findings: the ``findings`` of the image's JSON (``custom.inference.findings.findings_document``).
         maps: {finding position: (h, w) map of that finding's class}.
         fallback: (class, probability, map) drawn when there is no finding: the most probable class.
         max_panels: at most this many findings are drawn (the most probable first).

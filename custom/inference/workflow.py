@@ -1,5 +1,13 @@
-"""The evaluation run of ``bundle/configs/evaluate.yaml``: network outputs -> scores -> calibration file and
-report folder (``RpSalEvaluation``); ``evaluate_and_report`` does the second half from saved outputs."""
+"""The inference workflow of ``inference.yaml``: a MONAI ``SupervisedEvaluator`` that keeps going past bad
+files, with the dataset, collation and checkpoint loading it needs.
+
+Data flow (``docs/architecture.md``): ``SkippingDataset`` applies the declared ``preprocessing`` and turns a
+file's failure into a record; ``collate_inputs`` stacks the good images and puts the records aside;
+``RpSalInferenceEvaluator`` logs the records (``<output_dir>/errors.txt`` and stderr), runs the ``inferer``
+and the ``postprocessing`` per image (a failure there is that image's), and the writers (handlers) write each
+image's files. After the run ``summary.json`` counts them, and ``finalize`` raises when any input failed, so
+the process exits non-zero after every other output is written.
+"""
 
 from __future__ import annotations
 
@@ -9,183 +17,141 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from custom.inference.arguments import require_booleans
-from custom.inference.calibration_file import (
-    DEFAULT_BOX_THRESHOLD,
-    DEFAULT_DECISION_THRESHOLD,
-    save_calibration,
-)
-from custom.inference.evaluation import EvaluationOutputs, collect_outputs
-from custom.inference.pipeline import file_digest, load_checkpoint
-from custom.inference.report import PROTOCOL_SHORT, held_out_check, write_report
-from custom.inference.scoring import PROTOCOLS, build_calibration, evaluate_outputs
-from custom.metrics import DEFAULT_KAPPAS
+import torch
+from ignite.engine import Events
+from monai.engines import SupervisedEvaluator
+from monai.engines.utils import engine_apply_transform
+from monai.engines.utils import IterationEvents
+
+from custom.atomic_file import write_json
+from custom.inference.writers import ErrorLog, failure_reason, record_failure
 
 logger = logging.getLogger(__name__)
-OUTPUTS_FILE = "evaluation_outputs.pt"
+
+FAILURES_KEY = "failures"
+# The keys of a good item that travel through the batch (datalist extras such as boxes are ragged).
+BATCH_KEYS = ("image", "original_size", "output_name", "image_path")
 
 
-def evaluate_and_report(
-    outputs: EvaluationOutputs,
-    report_dir: str | os.PathLike,
-    calibration_file: str | os.PathLike | None,
-    candidates: Sequence[float] | None = None,
-    mode: str = "percentile",
-    component: str = "largest",
-    connectivity: int = 8,
-    seed: int = 0,
-    kappas: Sequence[float] = DEFAULT_KAPPAS,
-    num_overlays: int = 8,
-    overlay_map: str = "mix",
-    default_box_threshold: float = DEFAULT_BOX_THRESHOLD,
-    default_decision_threshold: float = DEFAULT_DECISION_THRESHOLD,
-    provenance: dict | None = None,
-    workers: int | None = None,
-) -> dict:
-    """Score ``outputs``, write the calibration file (unless None) and the report folder.
+class SkippingDataset(torch.utils.data.Dataset):
+    """A dataset that applies ``transform`` to each item and turns a failure into an error record.
 
     Args:
-        outputs: ``EvaluationOutputs`` (collected by the network, or loaded from a saved file).
-        report_dir: the report folder (``custom.inference.report``).
-        calibration_file: where inference will read the calibration (``models/calibration.json``); None
-            writes none.
-        candidates, mode, component, connectivity, seed, kappas, workers: as ``evaluate_outputs``.
-        num_overlays, overlay_map: Fig. 3-style pictures.
-        default_box_threshold, default_decision_threshold: stored for classes without calibration.
-        provenance: recorded in the calibration and at the top of the report.
+        data: items ``{"image": path, "output_name": str, ...}`` (``custom.inference.inputs.resolve_inputs``).
+        transform: the preprocessing (MONAI Compose).
 
-    Returns:
-        {"result": EvaluationResult, "calibration": Calibration, "calibration_file", "report": paths,
-         "seconds": {"scoring", "report"}}.
+    ``__getitem__`` returns the transformed dict (with ``image_path``, the input file), or
+    ``{"image": path, "output_name": ..., "error": reason}`` when the transform raised (a bad file, ...).
     """
-    start = time.perf_counter()
-    result = evaluate_outputs(outputs, candidates, mode, component, connectivity, seed, kappas, workers)
-    scored = time.perf_counter()
-    calibration = build_calibration(
-        outputs, result, default_box_threshold, default_decision_threshold, provenance
-    )
-    saved = str(save_calibration(calibration, calibration_file)) if calibration_file else None
-    paths = write_report(outputs, result, report_dir, num_overlays, overlay_map, provenance)
-    seconds = {"scoring": round(scored - start, 3), "report": round(time.perf_counter() - scored, 3)}
-    logger.info(
-        f"test AUC (image logits) {result.auc['image']['mean']:.4f}, combined "
-        f"{result.auc['combined']['mean']:.4f}"
-    )
-    for protocol in PROTOCOLS:
-        ious = ", ".join(
-            f"{method} {result.localisation(protocol, method)['iou']['mean']:.3f}"
-            for method in ("sal", "det", "mix", "prior")
-        )
-        logger.info(f"mean IoU, {PROTOCOL_SHORT[protocol]}: {ious}")
-    logger.info(held_out_check(outputs, result))
-    logger.info(
-        f"report in {report_dir}; calibration {saved}; scoring {seconds['scoring']} s, report "
-        f"{seconds['report']} s"
-    )
-    return {
-        "result": result,
-        "calibration": calibration,
-        "calibration_file": saved,
-        "report": paths,
-        "seconds": seconds,
-    }
+
+    def __init__(self, data: Sequence[dict], transform: Callable):
+        self.data = list(data)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.data[index]
+        try:
+            output = self.transform(dict(item))
+        except Exception as error:  # any failure of one input is that input's, reported, never fatal
+            return {"image": item.get("image"), "output_name": item.get("output_name"),
+                    "error": failure_reason(error)}
+        # The loaded tensor may drop its metadata (track_meta=False): the source path travels beside it.
+        output.setdefault("image_path", item.get("image"))
+        return output
 
 
-class RpSalEvaluation:
-    """The whole evaluation: load the weights, run the test and validation splits, score, write.
+def collate_inputs(items: list[dict]) -> dict:
+    """A batch for the evaluator: the good items' ``image`` stacked (B, 3, S, S), ``original_size`` (B, 2),
+    ``output_name`` and ``image_path`` as lists; the failed items' records under ``failures``. A batch of
+    failures only has no ``image``."""
+    good = [item for item in items if "error" not in item]
+    batch: dict = {FAILURES_KEY: [item for item in items if "error" in item]}
+    if good:
+        batch["image"] = torch.stack([torch.as_tensor(item["image"]) for item in good])
+        batch["original_size"] = torch.as_tensor([[int(v) for v in item["original_size"]] for item in good])
+        batch["output_name"] = [item["output_name"] for item in good]
+        batch["image_path"] = [str(item.get("image_path", item["output_name"])) for item in good]
+    return batch
+
+
+class RpSalInferenceEvaluator(SupervisedEvaluator):
+    """MONAI's SupervisedEvaluator for batch inference that never stops at one bad input.
 
     Args:
-        network: RpSalNet as configured for training (its weights are replaced by ``checkpoint``).
-        checkpoint: the trained weights (``<ckpt_dir>/model.pt``).
-        test_loader, validation_loader: DataLoaders over ``custom.inference.evaluation.loader_items``.
-        test_items: the test split's datalist items (boxes, patients, sizes), indexed by ``index``.
-        report_dir: the report folder; calibration_file: written for inference (None: not written).
-        device, amp, inferer: how the network runs (amp: bf16 autocast on CUDA).
-        weighting, normalize, sharpness: Det map painting (``custom.inference.maps.detection_map``).
-        save_outputs: also write ``<report_dir>/evaluation_outputs.pt``
-            (the maps and logits, for ``scripts/evaluate_report.py``).
-        Other arguments: as ``evaluate_and_report``.
+        device, val_data_loader, network, inferer, postprocessing, val_handlers, amp: as SupervisedEvaluator
+            (``val_data_loader`` collated by ``collate_inputs``; ``postprocessing`` applied per image).
+        output_dir: where ``errors.txt`` and ``summary.json`` go (the writers write there too).
+
+    Attributes after ``run``: ``errors`` (``ErrorLog``), ``written`` (output names whose findings JSON was
+    written), ``total`` (inputs seen).
     """
 
-    def __init__(
-        self,
-        network,
-        checkpoint: str,
-        test_loader,
-        validation_loader,
-        test_items: Sequence[dict],
-        report_dir: str,
-        calibration_file: str | None,
-        device=None,
-        amp: bool = False,
-        inferer: Callable | None = None,
-        weighting: str = "sigmoid",
-        normalize: bool = True,
-        sharpness: float = 1.0,
-        candidates: Sequence[float] | None = None,
-        mode: str = "percentile",
-        component: str = "largest",
-        connectivity: int = 8,
-        seed: int = 0,
-        kappas: Sequence[float] = DEFAULT_KAPPAS,
-        num_overlays: int = 8,
-        overlay_map: str = "mix",
-        save_outputs: bool = True,
-        default_box_threshold: float = DEFAULT_BOX_THRESHOLD,
-        default_decision_threshold: float = DEFAULT_DECISION_THRESHOLD,
-    ):
-        self.network = network
-        self.checkpoint = checkpoint
-        self.test_loader, self.validation_loader = test_loader, validation_loader
-        self.test_items = test_items
-        self.report_dir = Path(report_dir)
-        self.calibration_file = calibration_file
-        require_booleans(amp=amp, normalize=normalize, save_outputs=save_outputs)
-        self.device, self.amp, self.inferer = device, amp, inferer
-        self.weighting, self.normalize, self.sharpness = weighting, normalize, float(sharpness)
-        self.save_outputs = save_outputs
-        self.scoring = dict(
-            candidates=candidates,
-            mode=mode,
-            component=component,
-            connectivity=connectivity,
-            seed=seed,
-            kappas=kappas,
-            num_overlays=num_overlays,
-            overlay_map=overlay_map,
-            default_box_threshold=default_box_threshold,
-            default_decision_threshold=default_decision_threshold,
-        )
+    def __init__(self, device, val_data_loader, network, inferer, postprocessing: Callable | None,
+                 output_dir: str | os.PathLike, val_handlers: Sequence | None = None, amp: bool = False, **kwargs):
+        self.output_dir = Path(output_dir)
+        self.errors: ErrorLog | None = None
+        self.written: list[str] = []
+        self.total = 0
+        self._started = 0.0
+        super().__init__(device=device, val_data_loader=val_data_loader, network=network, inferer=inferer,
+                         postprocessing=postprocessing, val_handlers=val_handlers, amp=amp, decollate=True,
+                         **kwargs)
+        self.add_event_handler(Events.STARTED, self._open)
+        self.add_event_handler(Events.COMPLETED, self._summarise)
 
-    def run(self) -> dict:
-        """Evaluate; returns ``evaluate_and_report``'s dict plus "outputs_file" (or None)."""
-        load_checkpoint(self.network, self.checkpoint, self.device)
-        start = time.perf_counter()
-        outputs = collect_outputs(
-            self.network,
-            self.test_loader,
-            self.validation_loader,
-            self.test_items,
-            self.device,
-            self.amp,
-            self.weighting,
-            self.normalize,
-            self.inferer,
-            sharpness=self.sharpness,
-        )
-        logger.info(
-            f"network outputs: {len(outputs.test_labels)} test, {len(outputs.validation_labels)} "
-            f"validation images, {len(outputs.box_images)} box images, "
-            f"{time.perf_counter() - start:.1f} s"
-        )
-        outputs_file = outputs.save(self.report_dir / OUTPUTS_FILE) if self.save_outputs else None
-        provenance = {
-            "checkpoint": str(self.checkpoint),
-            "checkpoint_sha256": file_digest(self.checkpoint),
-            "evaluated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    def _register_postprocessing(self, posttrans: Callable) -> None:
+        """Per image, as MONAI's, but a failure marks that image failed instead of stopping the run."""
+
+        @self.on(IterationEvents.MODEL_COMPLETED)
+        def _run_postprocessing(engine: RpSalInferenceEvaluator) -> None:
+            for i, (item, output) in enumerate(zip(engine.state.batch, engine.state.output)):
+                try:
+                    engine.state.batch[i], engine.state.output[i] = engine_apply_transform(item, output, posttrans)
+                except Exception as error:  # that image's failure, recorded; the others go on
+                    record_failure(engine, item, output, f"postprocessing failed: {failure_reason(error)}")
+
+    def _open(self, engine) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.errors = ErrorLog(self.output_dir)
+        self.written, self.total = [], 0
+        self._started = time.perf_counter()
+
+    def _iteration(self, engine, batchdata: dict) -> dict | list:
+        failures = batchdata.pop(FAILURES_KEY, [])
+        for record in failures:
+            self.errors.add(str(record["image"]), record["error"])
+        self.total += len(failures) + (len(batchdata["image"]) if "image" in batchdata else 0)
+        if "image" not in batchdata:  # every input of the batch failed to load
+            engine.state.batch, engine.state.output = [], []
+            return []
+        return super()._iteration(engine, batchdata)
+
+    def _summarise(self, engine) -> None:
+        summary = {
+            "inputs": self.total,
+            "written": len(self.written),
+            "failed": len(self.errors.failures),
+            "errors_file": str(self.errors.path),
+            "seconds": round(time.perf_counter() - self._started, 3),
         }
-        done = evaluate_and_report(
-            outputs, self.report_dir, self.calibration_file, provenance=provenance, **self.scoring
-        )
-        done["outputs_file"] = str(outputs_file) if outputs_file else None
-        return done
+        write_json(self.output_dir / "summary.json", summary)
+        logger.info(f"inference: {summary['written']} of {self.total} input(s) written to {self.output_dir}, "
+                    f"{summary['failed']} failed")
+
+    def finalize(self) -> None:
+        """Raise RuntimeError when any input failed (after all outputs are written): a non-zero exit.
+
+        The message counts the failures and names the errors file; it does not repeat them, so each failed
+        input has exactly one line on stderr (written by ``ErrorLog.add``) and one in the file.
+        """
+        if self.errors is None:
+            raise RuntimeError("RpSalInferenceEvaluator.finalize called before run")
+        failures = self.errors.failures
+        if failures:
+            raise RuntimeError(
+                f"{len(failures)} of {self.total} input(s) could not be processed; each is listed with its "
+                f"reason in {self.errors.path} and on stderr ('inference: skipped <path>: <reason>')"
+            )

@@ -1,4 +1,11 @@
-"""Writing inference outputs: JSON files (atomically), maps as NIfTI for viewers, and the errors file.
+"""The writers of ``inference.yaml``: Ignite handlers of the inference evaluator, one per output kind.
+
+Each writer runs after the postprocessing, per image of the iteration: it reads the image's findings
+document (and maps) from ``engine.state.output[i]`` and its ``output_name`` from ``engine.state.batch[i]``,
+writes its file, and records the file in the document's ``files``; the findings JSON writer comes last and
+writes the document itself. A writer's failure on one image is that image's (``record_failure``: errors.txt,
+stderr, no further writer for it); the run goes on. The DICOM writers (``custom.dicom.writers``) plug in the
+same way.
 
 Every path is ``<output folder>/<safe name><suffix>``, the name from ``custom.inference.inputs.safe_stem``;
 ``output_path`` refuses anything else, so no input name can place a file outside the output folder.
@@ -6,16 +13,17 @@ Every path is ``<output folder>/<safe name><suffix>``, the name from ``custom.in
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
+from ignite.engine import Engine, Events
 
-from custom.atomic_file import atomic_output
+from custom.atomic_file import atomic_output, write_json
+from custom.localisation.maps import MAP_NAMES
 
 
 def output_path(folder: str | os.PathLike, name: str, suffix: str) -> Path:
@@ -28,28 +36,6 @@ def output_path(folder: str | os.PathLike, name: str, suffix: str) -> Path:
     if not name or file_name in (".", "..") or "/" in file_name or "\\" in file_name or "\0" in file_name:
         raise ValueError(f"unsafe output file name {file_name!r}")
     return Path(folder) / file_name
-
-
-_NUMBER_LIST = re.compile(r"\[\s+([-+0-9.eE,\s]+?)\s+\]")
-
-
-def json_text(content) -> str:
-    """JSON indented one space per level, with lists of numbers (boxes, sizes) kept on one line.
-
-    NaN/inf are refused (``allow_nan=False``): strict JSON readers reject them.
-    """
-    text = json.dumps(content, indent=1, allow_nan=False)
-    return _NUMBER_LIST.sub(lambda match: "[" + " ".join(match.group(1).split()) + "]", text)
-
-
-def write_json(path: str | os.PathLike, content) -> Path:
-    """Write ``json_text(content)`` atomically (temporary file beside it, then rename): a reader never sees
-    half a file. Returns the path.
-    """
-    path = Path(path)
-    with atomic_output(path) as temp:
-        temp.write_text(json_text(content) + "\n", encoding="utf-8")
-    return path
 
 
 def write_nifti_maps(path: str | os.PathLike, maps, original_size: Sequence[int]) -> Path:
@@ -110,3 +96,142 @@ class ErrorLog:
             handle.write(f"{image}\t{reason}\n")
         # stderr, not the logger: the bundle's logging.conf sends log records to stdout.
         print(f"inference: skipped {image}: {reason}", file=sys.stderr, flush=True)
+
+
+class ItemWriter:
+    """Base of the writers: calls ``write(batch_item, output_item, engine)`` for every image of an iteration
+    that has a findings document and no failure so far.
+
+    Args:
+        output_dir: the folder written to (created on the first write).
+        findings_key: where the postprocessing left the document.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, findings_key: str = "findings") -> None:
+        self.output_dir = Path(output_dir)
+        self.findings_key = findings_key
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        for item, output in zip(engine.state.batch, engine.state.output):
+            if self.findings_key not in output or output.get("failed"):
+                continue
+            try:
+                self.write(item, output, engine)
+            except Exception as error:  # one image's writing failure is reported; the others go on
+                record_failure(engine, item, output, f"writing outputs failed: {failure_reason(error)}")
+
+    def write(self, item: dict, output: dict, engine: Engine) -> None:
+        raise NotImplementedError
+
+    def relative(self, path: Path) -> str:
+        return str(path.relative_to(self.output_dir))
+
+
+class FindingsJsonWriter(ItemWriter):
+    """``<output_dir>/<name><suffix>``: the findings document, atomically; put it after the other writers
+    (the document lists their files)."""
+
+    def __init__(self, output_dir: str | os.PathLike, suffix: str = ".json", findings_key: str = "findings") -> None:
+        super().__init__(output_dir, findings_key)
+        self.suffix = suffix
+
+    def write(self, item: dict, output: dict, engine: Engine) -> None:
+        write_json(output_path(self.output_dir, item["output_name"], self.suffix), output[self.findings_key])
+        written = getattr(engine, "written", None)
+        if written is not None:
+            written.append(item["output_name"])
+
+
+class OverlayWriter(ItemWriter):
+    """``<output_dir>/overlays/<name>.png``: one panel per finding (its map as a heatmap, its box in yellow),
+    at most ``max_panels`` (the most probable first); with no finding, the most probable class's map.
+
+    Args:
+        output_dir: the run's folder; size: longest side of a panel (px); max_panels: findings drawn.
+        map_name: the maps drawn ("mix", as the boxes).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, size: int = 512, max_panels: int = 4, map_name: str = "mix",
+                 findings_key: str = "findings") -> None:
+        super().__init__(output_dir, findings_key)
+        if map_name not in MAP_NAMES:
+            raise ValueError(f"map must be one of {MAP_NAMES}, got {map_name!r}")
+        self.size, self.max_panels, self.map_name = int(size), int(max_panels), map_name
+
+    def write(self, item: dict, output: dict, engine: Engine) -> None:
+        from custom.inference.overlays import findings_overlay, load_display_image
+
+        document = output[self.findings_key]
+        grey, _ = load_display_image(document["image"], self.size)
+        class_maps = output["maps"][self.map_name].numpy()
+        names = list(document["probabilities"])
+        column = {name: k for k, name in enumerate(names)}
+        maps = {i: class_maps[column[f["class"]]] for i, f in enumerate(document["findings"])}
+        probabilities = torch.as_tensor(output["probabilities"])
+        top = int(torch.argmax(probabilities))
+        fallback = (names[top], float(probabilities[top]), class_maps[top])
+        picture = findings_overlay(grey, document["original_size"], document["findings"], maps, fallback,
+                                   self.max_panels)
+        path = output_path(self.output_dir / "overlays", item["output_name"], ".png")
+        with atomic_output(path, suffix=".png") as temp:
+            picture.save(temp)
+        document["files"]["overlay"] = self.relative(path)
+
+
+class NiftiMapsWriter(ItemWriter):
+    """``<output_dir>/maps/<name>_<map>.nii.gz`` for each map named (``write_nifti_maps``)."""
+
+    def __init__(self, output_dir: str | os.PathLike, maps: Sequence[str] = (), findings_key: str = "findings") -> None:
+        super().__init__(output_dir, findings_key)
+        if isinstance(maps, str):
+            raise ValueError(f"maps must be a list of map names, got the string {maps!r}")
+        unknown = set(maps) - set(MAP_NAMES)
+        if unknown:
+            raise ValueError(f"maps must be among {MAP_NAMES}, got {sorted(unknown)}")
+        self.maps = tuple(maps)
+
+    def write(self, item: dict, output: dict, engine: Engine) -> None:
+        document = output[self.findings_key]
+        for map_name in self.maps:
+            path = output_path(self.output_dir / "maps", item["output_name"], f"_{map_name}.nii.gz")
+            write_nifti_maps(path, output["maps"][map_name], document["original_size"])
+            document["files"][f"{map_name}_nifti"] = self.relative(path)
+
+
+def failure_reason(error: BaseException) -> str:
+    """The message that best explains a failure: MONAI wraps a transform's error in its own RuntimeError, and
+    a decoder's low-level error (struct, zlib) is wrapped in ImageLoadError naming the file. The first
+    ImageLoadError of the chain is taken, else the innermost exception."""
+    from custom.transforms.grey_image import ImageLoadError
+
+    chain = [error]
+    while chain[-1].__cause__ is not None or (
+        chain[-1].__context__ is not None and not chain[-1].__suppress_context__
+    ):
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+        if len(chain) > 50:  # a cycle would be a bug elsewhere; never loop on it
+            break
+    chosen = next((e for e in chain if isinstance(e, ImageLoadError)), chain[-1])
+    return f"{type(chosen).__name__}: {chosen}"
+
+
+def item_source(item: dict, image_key: str = "image") -> str:
+    """The input file of an item: its ``image_path``, else the MetaTensor's ``filename_or_obj``."""
+    if item.get("image_path") is not None:
+        return str(item["image_path"])
+    meta = getattr(item.get(image_key), "meta", None) or item.get(f"{image_key}_meta_dict") or {}
+    return str(meta.get("filename_or_obj", item.get("output_name")))
+
+
+def record_failure(engine: Engine, item: dict, output: dict | None, reason: str) -> None:
+    """Mark one image failed: a line in the engine's ``errors`` log (errors.txt and stderr); no further writer
+    touches it."""
+    if output is not None:
+        output["failed"] = True
+    errors = getattr(engine, "errors", None)
+    if errors is None:
+        raise RuntimeError(f"{item_source(item)}: {reason}")
+    errors.add(item_source(item), reason)

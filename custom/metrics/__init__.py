@@ -1,10 +1,10 @@
 """Evaluation metrics: AUC, IoU, continuous Dice and T(IoU >= kappa), and threshold calibration."""
 
 from custom.metrics.auc import auc_per_class
-from custom.metrics.calibration import (
-    CalibrationResult,
+from custom.metrics.threshold_choice import (
+    BoxThresholdChoice,
     ProtocolResult,
-    calibrate_box_thresholds,
+    choose_box_thresholds,
     choose_thresholds,
     patient_folds,
     percentile_grid,
@@ -13,15 +13,15 @@ from custom.metrics.calibration import (
 )
 from custom.metrics.dice import continuous_dice, gt_box_dice
 from custom.metrics.iou import box_iou, gt_box_iou
-from custom.metrics.localisation import DEFAULT_KAPPAS, iou_accuracy, localisation_summary, per_class_mean
+from custom.metrics.iou_accuracy import DEFAULT_KAPPAS, iou_accuracy, localisation_summary, per_class_mean
 
 __all__ = [
-    "CalibrationResult",
+    "BoxThresholdChoice",
     "DEFAULT_KAPPAS",
     "ProtocolResult",
     "auc_per_class",
     "box_iou",
-    "calibrate_box_thresholds",
+    "choose_box_thresholds",
     "choose_thresholds",
     "continuous_dice",
     "gt_box_dice",

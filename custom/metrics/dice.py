@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from custom.inference.boxes import box_masks
-from custom.inference.maps import minmax_scale
+from custom.localisation.grid import box_masks
+from custom.localisation.maps import minmax_scale
 
 _CHUNK = 1024
 
@@ -54,7 +54,7 @@ def gt_box_dice(maps, gt_image, gt_class, gt_boxes, original_sizes) -> torch.Ten
 
     Returns:
         (M,) float64 cDice, g being the box painted on the map grid by the pixel-centre rule
-        (``custom.inference.boxes.box_masks``).
+        (``custom.localisation.grid.box_masks``).
     """
     maps = torch.as_tensor(maps if isinstance(maps, torch.Tensor) else np.asarray(maps))
     if maps.ndim != 4:

@@ -1,23 +1,31 @@
-"""Tests of custom.inference: the Sal/Det/Mix maps and the boxes extracted from them."""
+"""Tests of custom.localisation: the grid convention, the Sal/Det/Mix maps, the box rule and the IoU."""
+
+import math
 
 import numpy as np
 import pytest
 import torch
 from scipy import ndimage
 
-from custom.inference.boxes import (
+from custom.localisation.box_rule import (
+    BoxRule,
     binarise,
-    box_grid_ranges,
-    box_masks,
-    extract_boxes,
+    box_scores,
     grid_boxes,
-    grid_boxes_to_image,
     map_quantiles,
     mask_boxes,
     select_component,
     threshold_values,
 )
-from custom.inference.maps import detection_map, minmax_scale, mix_map, rpsal_maps, saliency_map
+from custom.localisation.grid import box_grid_ranges, box_masks, grid_boxes_to_image
+from custom.localisation.iou import box_iou
+from custom.localisation.maps import detection_map, minmax_scale, mix_map, rpsal_maps, saliency_map
+
+
+def extract_boxes(maps, thresholds, original_sizes, mode="percentile", component="largest", connectivity=8):
+    """The box rule's single-threshold entry point, as (boxes in original pixels, valid)."""
+    found = BoxRule(mode, component, connectivity).boxes(maps, thresholds, original_sizes)
+    return found.boxes, found.valid
 
 
 def naive_detection_map(logits, boxes, input_size, grid_size, weighting, normalize, sharpness=1.0):
@@ -288,3 +296,27 @@ def test_stacked_labelling_matches_one_map_at_a_time(component):
         assert np.array_equal(kept[index].numpy(), expected), index
     boxes, valid = grid_boxes(maps, threshold_values(maps, 0.7, "percentile"), component)
     assert valid.all() and torch.equal(boxes, mask_boxes(kept)[0])
+
+
+def test_box_scores_are_the_mean_of_the_map_inside_each_box():
+    generator = torch.Generator().manual_seed(0)
+    maps = torch.rand(3, 5, 12, 10, generator=generator)
+    corners = torch.randint(0, 10, (3, 5, 2, 2), generator=generator)
+    boxes = torch.stack(
+        [
+            corners[..., 0].min(-1).values,
+            corners[..., 1].min(-1).values,
+            corners[..., 0].max(-1).values + 1,
+            corners[..., 1].max(-1).values + 1,
+        ],
+        -1,
+    ).float()
+    boxes[0, 0] = torch.nan
+    scores = box_scores(maps, boxes)
+    for b in range(3):
+        for k in range(5):
+            if b == 0 and k == 0:
+                assert math.isnan(scores[b, k])
+                continue
+            x0, y0, x1, y1 = boxes[b, k].long().tolist()
+            assert scores[b, k] == pytest.approx(float(maps[b, k, y0:y1, x0:x1].mean()), rel=1e-5)

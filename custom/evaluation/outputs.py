@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,9 +22,9 @@ import numpy as np
 import torch
 
 from custom.atomic_file import atomic_output
-from custom.inference.arguments import require_booleans
-from custom.inference.maps import rpsal_maps
-from custom.inference.pipeline import network_outputs
+from custom.arguments import require_booleans
+from custom.localisation.maps import rpsal_maps
+from custom.inference.inferer import RpSalInferer
 from custom.labels import CLASS_NAMES
 from custom.weights_file import load_weights_file
 
@@ -135,19 +134,15 @@ def _split_batch(batch, image_key: str = "image"):
 
 
 @torch.no_grad()
-def _run_split(network, loader, device, amp: bool, inferer, on_batch: Callable | None = None):
+def _run_split(network, loader, device, inferer: Callable, on_batch: Callable | None = None):
     """Image and combined logits (N, K), labels (N, K) of a loader, rows in the order of ``index``, and the
     input side S."""
     image_logits, combined_logits, labels, order = [], [], [], []
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()
-    )
     for batch in loader:
         images, batch_labels, index = _split_batch(batch)
-        with autocast:
-            output = network_outputs(network, images.to(device), inferer)
-        image_logits.append(output.image_logits.float().cpu())
-        combined_logits.append(output.combined_logits.float().cpu())
+        output = inferer(images.to(device), network)
+        image_logits.append(output["image_logits"].cpu())
+        combined_logits.append(output["combined_logits"].cpu())
         labels.append(batch_labels)
         order.append(index)
         if on_batch is not None:
@@ -187,9 +182,11 @@ def collect_outputs(
             ``image`` (B, 3, S, S), ``label`` (B, K), ``index``), shuffle off.
         test_items: the test split's datalist items (``boxes`` xyxy in original pixels, ``box_labels``,
             ``patient_id``, ``original_size``), indexed by the loader's ``index``.
-        device: the network's device (default: its parameters'); amp: bf16 autocast on CUDA.
-        weighting, normalize, sharpness: Det map painting (``custom.inference.maps.detection_map``).
-        inferer: optional MONAI inferer.
+        device: the network's device (default: its parameters'); amp: bf16 autocast on CUDA (when no
+            inferer is given).
+        weighting, normalize, sharpness: Det map painting (``custom.localisation.maps.detection_map``).
+        inferer: the bundle's ``custom.inference.inferer.RpSalInferer`` (default: one with ``amp``), the same
+            as inference.yaml's.
 
     Returns:
         ``EvaluationOutputs``.
@@ -208,12 +205,12 @@ def collect_outputs(
         rows = [i for i, item_index in enumerate(index.tolist()) if test_items[item_index].get("boxes")]
         if not rows:
             return
-        pick = torch.as_tensor(rows, device=output.saliency_logits.device)
+        pick = torch.as_tensor(rows, device=output["saliency_logits"].device)
         classes = torch.as_tensor(box_labels, device=pick.device)
         batch_maps = rpsal_maps(
-            output.saliency_logits[pick][:, classes].float(),
-            output.proposal_logits[pick][:, classes].float(),
-            output.refined_boxes[pick][:, classes].float(),
+            output["saliency_logits"][pick][:, classes],
+            output["proposal_logits"][pick][:, classes],
+            output["refined_boxes"][pick][:, classes],
             input_size,
             weighting,
             normalize,
@@ -223,8 +220,9 @@ def collect_outputs(
             for row, value in zip(rows, values.cpu().numpy()):
                 maps[name][int(index[row])] = value
 
-    test = _run_split(network, test_loader, device, amp, inferer, keep_maps)
-    validation = _run_split(network, validation_loader, device, amp, inferer)
+    inferer = inferer or RpSalInferer(amp=amp)
+    test = _run_split(network, test_loader, device, inferer, keep_maps)
+    validation = _run_split(network, validation_loader, device, inferer)
     box_test_index = np.array(sorted(maps["mix"]), dtype=np.int64)
     gt_image, gt_class, gt_boxes = [], [], []
     for b, item_index in enumerate(box_test_index):

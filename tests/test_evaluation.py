@@ -1,5 +1,5 @@
 """The evaluation: scoring against straightforward references, the report's tables under both protocols
-with the prior rows, the calibration file, and `python -m monai.bundle run evaluating` on the tiny model."""
+with the prior rows, the thresholds file, and `python -m monai.bundle run evaluating` on the tiny model."""
 
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ import yaml
 from PIL import Image
 
 from conftest import REPO_ROOT, run_bundle, subprocess_env
-from custom.inference.calibration_file import load_calibration, save_calibration
-from custom.inference.evaluation import EvaluationOutputs
-from custom.inference.plots import roc_points
-from custom.inference.report import Table, write_report
-from custom.inference.scoring import build_calibration, evaluate_outputs, prior_ious
+from custom.thresholds_file import load_thresholds, save_thresholds
+from custom.evaluation.outputs import EvaluationOutputs
+from custom.evaluation.plots import roc_points
+from custom.evaluation.report import Table, write_report
+from custom.evaluation.scoring import build_thresholds, evaluate_outputs, prior_ious
+from custom.evaluation.settings import EvaluationSettings
 from custom.labels import BOX_CLASS_INDICES, BOX_CLASS_NAMES, CLASS_NAMES
 from custom.metrics import auc_per_class, patient_folds
 
@@ -135,7 +136,8 @@ def test_perfect_maps_localise_and_the_report_has_both_protocols_and_the_prior(t
         saved.box_maps["mix"], outputs.box_maps["mix"]
     )
     # Absolute thresholds: one value (~0.5) cuts every box out of its map exactly, whatever its size.
-    result = evaluate_outputs(saved, np.linspace(0.1, 0.9, 9), mode="absolute", component="largest")
+    settings = EvaluationSettings(candidates=np.linspace(0.1, 0.9, 9), mode="absolute", component="largest")
+    result = evaluate_outputs(saved, settings)
     for protocol in ("all_images", "two_fold"):
         mix = result.localisation(protocol, "mix")["iou"]
         # The Mix map IS the box: IoU near 1 on every class (a row/column swap would break the wide boxes;
@@ -177,8 +179,8 @@ def test_perfect_maps_localise_and_the_report_has_both_protocols_and_the_prior(t
     text = paths["report"].read_text()
     assert "held-out (2-fold)" in text and "beats the no-image prior" in text and "8 of 8" in text
 
-    calibration = build_calibration(saved, result, provenance={"checkpoint": "x"})
-    loaded = load_calibration(save_calibration(calibration, tmp_path / "calibration.json"))
+    thresholds = build_thresholds(saved, result, provenance={"checkpoint": "x"})
+    loaded = load_thresholds(save_thresholds(thresholds, tmp_path / "thresholds.json"))
     per_map = loaded.details["box_thresholds"]["per_map"]["mix"]["two_fold"]["thresholds_by_fold"]
     for name in BOX_CLASS_NAMES:
         assert loaded.box_thresholds["mix"][name] == pytest.approx((per_map[0][name] + per_map[1][name]) / 2)
@@ -194,7 +196,9 @@ def test_evaluate_yaml_ids():
     parser = ConfigParser()
     parser.read_config([str(REPO_ROOT / "bundle/configs" / name) for name in ("train.yaml", "evaluate.yaml")])
     assert parser["run"] == "@evaluating"
-    assert parser["calibration_file"] == "$@ckpt_dir + '/calibration.json'"
+    parser["ckpt_dir"] = "models"
+    assert parser.get_parsed_content("thresholds_file") == "models/thresholds.json"
+    assert parser["evaluate"]["inferer"]["_target_"] == "custom.inference.inferer.RpSalInferer"
     assert parser["evaluate"]["checkpoint"] == "$@ckpt_dir + '/model.pt'"
 
 
@@ -204,8 +208,8 @@ def test_bundle_evaluate_on_the_tiny_model(tiny_trained_model, tmp_path):
         yaml.safe_dump(
             {
                 "report_dir": str(tmp_path / "report"),
-                "calibration_file": str(tmp_path / "calibration.json"),
-                "evaluate#num_overlays": 3,
+                "thresholds_file": str(tmp_path / "thresholds.json"),
+                "evaluate#settings#num_overlays": 3,
             }
         )
     )
@@ -239,10 +243,10 @@ def test_bundle_evaluate_on_the_tiny_model(tiny_trained_model, tmp_path):
                 v is None or 0 <= v <= 1 for k, v in row.items() if k not in ("Metric", "Protocol", "Method")
             )
 
-    calibration = load_calibration(tmp_path / "calibration.json")
-    assert calibration.details["provenance"]["checkpoint"] == str(tiny_trained_model["model"])
-    assert set(calibration.box_thresholds) == {"sal", "det", "mix"}
-    assert calibration.details["box_thresholds"]["inference_protocol"] == "two_fold"
+    thresholds = load_thresholds(tmp_path / "thresholds.json")
+    assert thresholds.details["provenance"]["checkpoint"] == str(tiny_trained_model["model"])
+    assert set(thresholds.box_thresholds) == {"sal", "det", "mix"}
+    assert thresholds.details["box_thresholds"]["inference_protocol"] == "two_fold"
 
     # The saved maps reproduce the report (same scores without the network), through the command-line tool.
     rescored = tmp_path / "rescored"

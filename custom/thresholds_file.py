@@ -1,7 +1,10 @@
-"""The calibration stored with a model (``models/calibration.json``), and how inference reads it.
+"""The thresholds file stored with a model (``models/thresholds.json``), and how inference reads it.
 
-``bundle/configs/evaluate.yaml`` writes it; inference reads it so that boxes and decisions follow what was
-measured. It holds:
+Words, one meaning each: BOX THRESHOLDS turn a map into a box (``custom.localisation.BoxRule``); DECISION
+THRESHOLDS turn a probability into a positive finding; the THRESHOLDS FILE holds both, with the settings they
+were chosen for. ``bundle/configs/evaluate.yaml`` writes it; inference reads it so that boxes and decisions
+follow what was measured. Files named ``calibration.json`` (this bundle before 0.2.0) are still read, with a
+deprecation warning. It holds:
 
 - box thresholds per map (sal, det, mix) and class, chosen to maximise mean IoU on the test box images under
   (a) the paper's protocol (all box images choose and are scored) and (b) the held-out two-fold protocol
@@ -22,6 +25,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -29,15 +33,16 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from custom.atomic_file import atomic_output
-from custom.inference.boxes import COMPONENT_MODES, THRESHOLD_MODES
-from custom.inference.maps import WEIGHTINGS
-from custom.inference.writers import json_text
+from custom.localisation.box_rule import COMPONENT_MODES, THRESHOLD_MODES, BoxRule
+from custom.localisation.maps import MAP_NAMES, WEIGHTINGS
+from custom.atomic_file import json_text
 from custom.labels import CLASS_NAMES
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-MAP_NAMES = ("sal", "det", "mix")
+FILE_NAME = "thresholds.json"
+DEPRECATED_FILE_NAME = "calibration.json"  # the name before bundle 0.2.0
 LOGITS = ("image", "combined")
 DEFAULT_BOX_THRESHOLD = 0.9  # percentile; the authors' default
 DEFAULT_DECISION_THRESHOLD = 0.5  # probability
@@ -45,7 +50,7 @@ INFERENCE_PROTOCOL = "two_fold"
 
 
 @dataclass
-class Calibration:
+class Thresholds:
     """Thresholds and the settings they hold for.
 
     Attributes:
@@ -53,8 +58,8 @@ class Calibration:
         box_thresholds: {map name: {class: threshold}} used by inference (missing class: the default);
             quantiles in [0, 1] for ``mode="percentile"``, map values for ``"absolute"``.
         decision_thresholds: {"image" | "combined": {class: probability}}; missing class: the default.
-        mode, component, connectivity: how box thresholds are applied (``custom.inference.boxes``).
-        weighting, normalize, sharpness: Det map weighting (``custom.inference.maps.detection_map``).
+        mode, component, connectivity: how box thresholds are applied (``custom.localisation.box_rule``).
+        weighting, normalize, sharpness: Det map weighting (``custom.localisation.maps.detection_map``).
         default_box_threshold, default_decision_threshold: used where no calibrated value exists.
         source: the file read, or None for defaults only.
         details: everything else the file holds (both protocols' thresholds, summaries), kept as read.
@@ -76,7 +81,7 @@ class Calibration:
 
     def __post_init__(self) -> None:
         self.class_names = tuple(self.class_names)
-        where = self.source or "calibration"
+        where = self.source or "thresholds file"
         if self.mode not in THRESHOLD_MODES:
             raise ValueError(f"{where}: mode must be one of {THRESHOLD_MODES}, got {self.mode!r}")
         if self.component not in COMPONENT_MODES:
@@ -112,6 +117,11 @@ class Calibration:
                         f"{outside or self.default_box_threshold}"
                     )
 
+    @property
+    def box_rule(self) -> BoxRule:
+        """The box rule the box thresholds were chosen for."""
+        return BoxRule(self.mode, self.component, self.connectivity)
+
     def box_threshold_vector(self, map_name: str) -> np.ndarray:
         """(K,) float64 box thresholds of ``map_name`` in class order; the default where none was
         calibrated."""
@@ -134,7 +144,7 @@ class Calibration:
         return np.array([values.get(name, self.default_decision_threshold) for name in self.class_names])
 
     def to_json(self) -> dict:
-        """The file's content (``load_calibration`` reads it back)."""
+        """The file's content (``load_thresholds`` reads it back)."""
         content = dict(self.details)
         content.update(
             {
@@ -156,9 +166,9 @@ class Calibration:
         return content
 
 
-def calibration_from_json(content: Mapping, source: str | None = None) -> Calibration:
-    """Build a Calibration from the parsed file (see ``Calibration.to_json``); errors name ``source``."""
-    where = source or "calibration"
+def thresholds_from_json(content: Mapping, source: str | None = None) -> Thresholds:
+    """Build a Thresholds from the parsed file (see ``Thresholds.to_json``); errors name ``source``."""
+    where = source or "thresholds file"
     if not isinstance(content, Mapping):
         raise ValueError(f"{where}: expected a JSON object, got {type(content).__name__}")
     version = content.get("format_version")
@@ -178,7 +188,7 @@ def calibration_from_json(content: Mapping, source: str | None = None) -> Calibr
             "inference_decision_thresholds",
             "default_decision_threshold",
         }
-        return Calibration(
+        return Thresholds(
             class_names=tuple(content["class_names"]),
             box_thresholds={k: dict(v) for k, v in content["inference_box_thresholds"].items()},
             decision_thresholds={k: dict(v) for k, v in content["inference_decision_thresholds"].items()},
@@ -195,48 +205,83 @@ def calibration_from_json(content: Mapping, source: str | None = None) -> Calibr
             details={k: v for k, v in content.items() if k not in known},
         )
     except (KeyError, TypeError, AttributeError) as error:
-        raise ValueError(f"{where}: malformed calibration file ({type(error).__name__}: {error})") from error
+        raise ValueError(f"{where}: malformed thresholds file ({type(error).__name__}: {error})") from error
 
 
-def load_calibration(path: str | os.PathLike | None, required: bool = False, **defaults) -> Calibration:
-    """Read ``calibration.json``; without one, a Calibration of defaults.
+def deprecated_name(path: str | os.PathLike | None) -> Path | None:
+    """Where an older bundle kept the file named ``path``: ``calibration.json`` beside a missing
+    ``thresholds.json``, when that exists; else None."""
+    if path is None or Path(path).is_file() or Path(path).name != FILE_NAME:
+        return None
+    old = Path(path).with_name(DEPRECATED_FILE_NAME)
+    return old if old.is_file() else None
+
+
+def output_path(folder: str | os.PathLike, deprecated_path: str | os.PathLike | None = None) -> str:
+    """Where evaluate.yaml writes the thresholds file: ``<folder>/thresholds.json``, or the deprecated config
+    id ``calibration_file``'s path when that is set (with a deprecation warning)."""
+    if deprecated_path is not None:
+        warnings.warn("the config id 'calibration_file' is deprecated: set 'thresholds_file'", DeprecationWarning,
+                      stacklevel=2)
+        logger.warning(f"calibration_file is deprecated (use thresholds_file): writing {deprecated_path}")
+        return str(deprecated_path)
+    return str(Path(folder) / FILE_NAME)
+
+
+def load_thresholds(path: str | os.PathLike | None, required: bool = False, deprecated_path=None,
+                    **defaults) -> Thresholds:
+    """Read the thresholds file; without one, Thresholds of defaults.
 
     Args:
-        path: the file, or None.
+        path: the file (``thresholds.json``), or None. When it is missing and a ``calibration.json`` (the
+            name before bundle 0.2.0) lies beside it, that one is read, with a deprecation warning.
         required: raise FileNotFoundError when the file is missing (else: defaults, with a warning).
-        defaults: Calibration fields used when there is no file (e.g. ``component="max"``); ignored when the
+        deprecated_path: the value of the deprecated config id ``calibration_file``; when set, it is read
+            instead of ``path``, with a deprecation warning.
+        defaults: Thresholds fields used when there is no file (e.g. ``component="max"``); ignored when the
             file exists, since its thresholds only hold for the settings it was made with.
 
     Returns:
-        ``Calibration``; ``source`` is the path read, or None.
+        ``Thresholds``; ``source`` is the path read, or None.
 
     Raises:
-        ValueError naming the file when it is not valid JSON or not a calibration of this format.
+        ValueError naming the file when it is not valid JSON or not a thresholds file of this format.
     """
+    if deprecated_path is not None:
+        warnings.warn("the config id 'calibration_file' is deprecated: set 'thresholds_file'", DeprecationWarning,
+                      stacklevel=2)
+        logger.warning(f"calibration_file is deprecated (use thresholds_file): reading {deprecated_path}")
+        path = deprecated_path
+    old = deprecated_name(path)
+    if old is not None:
+        warnings.warn(f"{old}: the thresholds file's old name; rename it {FILE_NAME}", DeprecationWarning,
+                      stacklevel=2)
+        logger.warning(f"{path} not found: reading {old} (its name before bundle 0.2.0; rename it {FILE_NAME})")
+        path = old
     if path is None or not Path(path).is_file():
         if required:
-            raise FileNotFoundError(f"{path}: calibration file not found (run evaluate.yaml to make it)")
+            raise FileNotFoundError(f"{path}: thresholds file not found (run evaluate.yaml to make it)")
         logger.warning(
-            f"no calibration file at {path}: box thresholds default to percentile "
+            f"no thresholds file at {path}: box thresholds default to percentile "
             f"{defaults.get('default_box_threshold', DEFAULT_BOX_THRESHOLD)} and decision "
             f"thresholds to {defaults.get('default_decision_threshold', DEFAULT_DECISION_THRESHOLD)}"
         )
-        return Calibration(**defaults)
+        return Thresholds(**defaults)
     try:
         content = json.loads(Path(path).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from error
-    return calibration_from_json(content, str(path))
+    return thresholds_from_json(content, str(path))
 
 
-def save_calibration(calibration: Calibration, path: str | os.PathLike) -> Path:
-    """Write ``calibration.to_json()`` atomically (a temporary file beside it, then rename).
+def save_thresholds(thresholds: Thresholds, path: str | os.PathLike) -> Path:
+    """Write ``thresholds.to_json()`` atomically (a temporary file beside it, then rename).
 
     Returns the path.
     """
     path = Path(path)
     with atomic_output(path) as temp:
-        temp.write_text(json_text(calibration.to_json()) + "\n", encoding="utf-8")
+        temp.write_text(json_text(thresholds.to_json()) + "\n", encoding="utf-8")
     return path
 
 

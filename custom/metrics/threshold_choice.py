@@ -17,9 +17,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from custom.inference.boxes import grid_boxes_per_threshold, grid_boxes_to_image, map_quantiles
+from custom.localisation.box_rule import BoxRule
 from custom.metrics.iou import box_iou
-from custom.metrics.localisation import DEFAULT_KAPPAS, localisation_summary, per_class_mean
+from custom.metrics.iou_accuracy import DEFAULT_KAPPAS, localisation_summary, per_class_mean
 
 # Maps per sweep chunk: bounds the gathered maps and their masks (512 maps of 128 x 128: 32 MiB float32).
 _SWEEP_CHUNK = 512
@@ -108,8 +108,8 @@ def sweep_box_thresholds(
         gt_boxes: (M, 4) float xyxy in ORIGINAL image pixels.
         original_sizes: (B, 2) (H, W) of each original image.
         candidates: (Q,) thresholds, quantiles in [0, 1] for ``mode="percentile"`` or map values.
-        mode, component, connectivity: as ``custom.inference.boxes.extract_boxes``.
-        workers: threads (``custom.inference.boxes.grid_boxes_per_threshold``); None: one per core.
+        mode, component, connectivity: the ``custom.localisation.BoxRule``.
+        workers: threads (``BoxRule.boxes_per_threshold``); None: one per core.
 
     Returns:
         (Q, M) float64 IoU (0 where no box was found).
@@ -118,8 +118,7 @@ def sweep_box_thresholds(
     gt_image, gt_class, gt_boxes, sizes = _check_ground_truth(maps, gt_image, gt_class, gt_boxes,
                                                               original_sizes)
     candidates = np.asarray(candidates, dtype=np.float64).reshape(-1)
-    if mode not in ("percentile", "absolute"):
-        raise ValueError(f"mode must be 'percentile' or 'absolute', got {mode!r}")
+    rule = BoxRule(mode, component, connectivity)
     classes = maps.shape[1]
     pairs, box_pair = np.unique(gt_image * classes + gt_class, return_inverse=True)
     pair_boxes = []
@@ -127,14 +126,8 @@ def sweep_box_thresholds(
     for start in range(0, len(pairs), _SWEEP_CHUNK):
         chunk = pairs[start:start + _SWEEP_CHUNK]
         chunk_maps = flat_maps[torch.as_tensor(chunk, device=maps.device)]
-        chunk_sizes = torch.as_tensor(sizes[chunk // classes])
-        if mode == "percentile":
-            values = map_quantiles(chunk_maps, candidates)
-        else:
-            values = torch.as_tensor(candidates)[:, None].expand(-1, len(chunk))
-        map_boxes, _ = grid_boxes_per_threshold(chunk_maps, values, component, connectivity, workers)
         # (Q, chunk, 4) xyxy in original pixels
-        pair_boxes.append(grid_boxes_to_image(map_boxes.cpu(), maps.shape[-2:], chunk_sizes))
+        pair_boxes.append(rule.boxes_per_threshold(chunk_maps, candidates, sizes[chunk // classes], workers).boxes)
     pair_boxes = torch.cat(pair_boxes, dim=1) if pair_boxes else torch.zeros(len(candidates), 0, 4)
     return box_iou(pair_boxes[:, torch.as_tensor(box_pair)], gt_boxes).numpy()
 
@@ -184,7 +177,7 @@ class ProtocolResult:
 
 
 @dataclass
-class CalibrationResult:
+class BoxThresholdChoice:
     """Box-threshold calibration under both protocols.
 
     class_names: (K,) names of the maps' classes.
@@ -218,7 +211,7 @@ class CalibrationResult:
         }
 
 
-def calibrate_box_thresholds(
+def choose_box_thresholds(
     maps,
     gt_image,
     gt_class,
@@ -234,7 +227,7 @@ def calibrate_box_thresholds(
     seed: int = 0,
     dice=None,
     workers: int | None = None,
-) -> CalibrationResult:
+) -> BoxThresholdChoice:
     """Choose per-class box thresholds maximising mean IoU, under the paper's and the two-fold protocol.
 
     Args:
@@ -243,14 +236,14 @@ def calibrate_box_thresholds(
         patient_ids: (B,) patient of each image, for the patient-disjoint folds.
         class_names: K names.
         candidates: (Q,) thresholds to try (e.g. ``percentile_grid()``).
-        mode, component, connectivity: as ``extract_boxes``.
+        mode, component, connectivity: the ``custom.localisation.BoxRule``.
         kappas: IoU levels of T(IoU).
         seed: seed of the fold split.
         dice: optional (M,) cDice per box (threshold-free), added to both summaries.
         workers: threads for the sweep (``sweep_box_thresholds``).
 
     Returns:
-        ``CalibrationResult``.
+        ``BoxThresholdChoice``.
     """
     num_classes = len(class_names)
     maps = torch.as_tensor(maps if isinstance(maps, torch.Tensor) else np.asarray(maps))
@@ -285,7 +278,7 @@ def calibrate_box_thresholds(
     iou_cross = ious[applied, boxes]
     two_fold = ProtocolResult(thresholds_of(chosen_folds), iou_cross,
                               localisation_summary(iou_cross, gt_class, class_names, dice, kappas))
-    return CalibrationResult(tuple(class_names), candidates, mode, component, folds, all_images, two_fold)
+    return BoxThresholdChoice(tuple(class_names), candidates, mode, component, folds, all_images, two_fold)
 
 
 def youden_thresholds(probabilities, labels, class_names=None) -> np.ndarray:

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from custom.inference.calibration_file import as_plain
-from custom.inference.evaluation import MAP_NAMES, EvaluationOutputs
-from custom.inference.scoring import PROTOCOL_TITLES, PROTOCOLS, EvaluationResult
-from custom.inference.writers import write_json
+from custom.thresholds_file import as_plain
+from custom.evaluation.outputs import MAP_NAMES, EvaluationOutputs
+from custom.evaluation.scoring import PROTOCOL_TITLES, PROTOCOLS, EvaluationResult
+from custom.atomic_file import write_json
 
 ABBREVIATIONS = {
     "Atelectasis": "Atel",
@@ -324,7 +324,7 @@ def write_report(
     Returns:
         {"tables": {name: [paths]}, "figures": [paths], "report": path, "summary": path}.
     """
-    from custom.inference.plots import evaluation_overlays, roc_curves, t_iou_curves
+    from custom.evaluation.plots import evaluation_overlays, roc_curves, t_iou_curves
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

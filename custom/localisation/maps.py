@@ -2,7 +2,7 @@
 
 All maps live on the saliency grid, 1/4 of the model input (h x w = S/4 x S/4). The refined proposals are
 xyxy boxes in model-input pixels; a box covers map pixel (i, j) when the pixel's centre
-((j + 0.5) S/w, (i + 0.5) S/h) lies in [x0, x1) x [y0, y1) (``custom.inference.boxes`` states the grid
+((j + 0.5) S/w, (i + 0.5) S/h) lies in [x0, x1) x [y0, y1) (``custom.localisation.grid`` states the grid
 convention in full).
 
 Det weighting. The paper calls xRPN "the average of all refined region proposals weighted by their
@@ -26,8 +26,10 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
-from custom.inference.boxes import box_grid_ranges
+from custom.localisation.grid import box_grid_ranges
 
+# The three maps, in the order the paper's ablation lists them (Table 2: Sal, Det = xRPN, Mix = xFS).
+MAP_NAMES = ("sal", "det", "mix")
 Weighting = Literal["sigmoid", "raw", "softmax"]
 WEIGHTINGS = ("sigmoid", "raw", "softmax")
 

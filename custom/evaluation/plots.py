@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from custom.inference.boxes import grid_boxes, grid_boxes_to_image, threshold_values
-from custom.inference.evaluation import MAP_NAMES, EvaluationOutputs
+from custom.localisation.box_rule import BoxRule, box_scores
+from custom.evaluation.outputs import MAP_NAMES, EvaluationOutputs
 from custom.inference.inputs import safe_stem
 from custom.inference.overlays import (
     PREDICTION_COLOUR,
@@ -19,8 +19,7 @@ from custom.inference.overlays import (
     load_display_image,
     tile,
 )
-from custom.inference.pipeline import box_scores
-from custom.inference.scoring import EvaluationResult
+from custom.evaluation.scoring import EvaluationResult
 from custom.metrics import patient_folds
 
 _METHOD_STYLE = {
@@ -155,6 +154,7 @@ def evaluation_overlays(
     if map_name not in MAP_NAMES:
         raise ValueError(f"map must be one of {MAP_NAMES}, got {map_name!r}")
     calibrated = result.calibration[map_name]
+    rule = BoxRule(result.settings["mode"], result.settings["component"], result.settings["connectivity"])
     folds = patient_folds(np.asarray(outputs.patient_ids), result.settings["seed"])
     folder = Path(folder)
     (folder / "overlays").mkdir(parents=True, exist_ok=True)
@@ -163,12 +163,9 @@ def evaluation_overlays(
         b, c = int(outputs.gt_image[m]), int(outputs.gt_class[m])
         threshold = calibrated.two_fold.thresholds[1 - folds[b], c]  # chosen on the OTHER fold
         class_map = outputs.box_maps[map_name][b, c]
-        values = threshold_values(class_map[None], [threshold], result.settings["mode"])
-        map_box, valid = grid_boxes(
-            class_map[None], values, result.settings["component"], result.settings["connectivity"]
-        )
-        box = grid_boxes_to_image(map_box, class_map.shape, outputs.original_sizes[b])[0].numpy()
-        score = float(box_scores(torch.as_tensor(class_map[None]), map_box)[0])
+        found = rule.boxes(class_map[None], [threshold], outputs.original_sizes[b])
+        valid, box = found.valid, found.boxes[0].numpy()
+        score = float(box_scores(torch.as_tensor(class_map[None]), found.map_boxes)[0])
         name = outputs.box_class_names[c]
         grey, _ = load_display_image(outputs.box_images[b], 384)
         marks = [BoxMark(outputs.gt_boxes[m], TRUTH_COLOUR, "truth", label_below=True)]

@@ -20,21 +20,22 @@ from typing import Sequence
 
 import numpy as np
 
-from custom.data.box_prior import paired_iou
-from custom.inference.calibration_file import (
+from custom.thresholds_file import (
     DEFAULT_BOX_THRESHOLD,
     DEFAULT_DECISION_THRESHOLD,
     INFERENCE_PROTOCOL,
-    Calibration,
+    Thresholds,
     as_plain,
     fold_mean_thresholds,
 )
-from custom.inference.evaluation import MAP_NAMES, EvaluationOutputs
+from custom.evaluation.outputs import MAP_NAMES, EvaluationOutputs
+from custom.evaluation.settings import EvaluationSettings
+from custom.localisation.iou import box_iou
 from custom.metrics import (
     DEFAULT_KAPPAS,
-    CalibrationResult,
+    BoxThresholdChoice,
     auc_per_class,
-    calibrate_box_thresholds,
+    choose_box_thresholds,
     gt_box_dice,
     localisation_summary,
     patient_folds,
@@ -55,7 +56,7 @@ class EvaluationResult:
     """Scores of one model.
 
     auc: {"image" | "combined": {"per_class": (K,), "mean": float}} on the test split.
-    calibration: {map name: CalibrationResult} (both protocols' thresholds and localisation summaries).
+    calibration: {map name: BoxThresholdChoice} (both protocols' thresholds and localisation summaries).
     dice: {map name: (M,) cDice per box} (threshold-free).
     prior: {"leave_one_out" | "other_fold": {"box_iou": (M,), "summary": localisation_summary}}.
     decision_thresholds: {"image" | "combined": (K,) Youden thresholds on validation probabilities (NaN when
@@ -64,7 +65,7 @@ class EvaluationResult:
     """
 
     auc: dict
-    calibration: dict[str, CalibrationResult]
+    calibration: dict[str, BoxThresholdChoice]
     dice: dict[str, np.ndarray]
     prior: dict
     decision_thresholds: dict[str, np.ndarray]
@@ -104,41 +105,29 @@ def prior_ious(outputs: EvaluationOutputs, folds: np.ndarray | None = None) -> n
                 continue
             total = boxes[members].sum(axis=0)
             means = (total - boxes[members]) / (len(members) - 1)
-            ious[members] = paired_iou(boxes[members], means)
+            ious[members] = box_iou(boxes[members], means).numpy()
             continue
         for fold in (0, 1):
             own, other = members[box_fold[members] == fold], members[box_fold[members] != fold]
             if len(own) and len(other):
-                ious[own] = paired_iou(boxes[own], boxes[other].mean(axis=0, keepdims=True))
+                ious[own] = box_iou(boxes[own], boxes[other].mean(axis=0, keepdims=True)).numpy()
     return ious
 
 
-def evaluate_outputs(
-    outputs: EvaluationOutputs,
-    candidates: Sequence[float] | None = None,
-    mode: str = "percentile",
-    component: str = "largest",
-    connectivity: int = 8,
-    seed: int = 0,
-    kappas: Sequence[float] = DEFAULT_KAPPAS,
-    workers: int | None = None,
-) -> EvaluationResult:
-    """Score evaluation outputs (Tables 1-3 and the calibration).
+def evaluate_outputs(outputs: EvaluationOutputs, settings: EvaluationSettings | None = None) -> EvaluationResult:
+    """Score evaluation outputs (Tables 1-3 and the threshold choice).
 
     Args:
         outputs: ``EvaluationOutputs`` (network outputs on the test and validation splits).
-        candidates: box thresholds tried (default ``percentile_grid()``: 0.60, 0.61, ..., 1.00).
-        mode, component, connectivity: the box rule (``custom.inference.boxes.extract_boxes``).
-        seed: seed of the patient-disjoint two-fold split.
-        kappas: IoU levels of T(IoU).
-        workers: threads of the threshold sweep (None: one per core).
+        settings: candidates, box rule, two-fold seed, kappas, sweep threads (``EvaluationSettings``).
 
     Returns:
         ``EvaluationResult``.
     """
-    candidates = percentile_grid() if candidates is None else np.asarray(candidates, dtype=np.float64)
-    # Rounded: linspace's 0.6599999999999999 becomes 0.66 in the thresholds people read in calibration.json.
-    candidates = np.round(candidates, 12)
+    settings = settings or EvaluationSettings()
+    candidates = settings.candidate_thresholds()
+    mode, component, connectivity = settings.mode, settings.component, settings.connectivity
+    seed, kappas, workers = settings.seed, settings.kappas, settings.workers
     names = tuple(outputs.class_names)
     auc = {}
     for logits in ("image", "combined"):
@@ -150,7 +139,7 @@ def evaluate_outputs(
         dice[name] = gt_box_dice(
             maps, outputs.gt_image, outputs.gt_class, outputs.gt_boxes, outputs.original_sizes
         ).numpy()
-        calibration[name] = calibrate_box_thresholds(
+        calibration[name] = choose_box_thresholds(
             maps,
             outputs.gt_image,
             outputs.gt_class,
@@ -192,14 +181,14 @@ def evaluate_outputs(
     return EvaluationResult(auc, calibration, dice, prior, decisions, settings)
 
 
-def build_calibration(
+def build_thresholds(
     outputs: EvaluationOutputs,
     result: EvaluationResult,
     default_box_threshold: float = DEFAULT_BOX_THRESHOLD,
     default_decision_threshold: float = DEFAULT_DECISION_THRESHOLD,
     provenance: dict | None = None,
-) -> Calibration:
-    """The calibration inference reads (``custom.inference.calibration_file``).
+) -> Thresholds:
+    """The calibration inference reads (``custom.thresholds_file``).
 
     Inference box thresholds: the held-out two-fold protocol's, per class the mean of its two folds'
     thresholds. Decision thresholds: Youden's J on validation, as probabilities. Both protocols' thresholds
@@ -235,7 +224,7 @@ def build_calibration(
             }
         ),
     }
-    return Calibration(
+    return Thresholds(
         class_names=tuple(outputs.class_names),
         box_thresholds=inference,
         decision_thresholds=decisions,

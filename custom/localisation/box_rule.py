@@ -1,24 +1,21 @@
-"""Boxes from maps (paper Fig. 2, steps 3 and 4) and boxes painted onto a map grid.
+"""Boxes from maps (paper Fig. 2, steps 3 and 4): ``BoxRule``, the one rule every caller applies, and the
+steps it is made of (threshold values, binarisation, connected components, bounding rectangles).
 
-Grid convention, shared with ``custom.inference.maps`` and the metrics: a map of h x w pixels covers an
-image of H x W pixels (the model input for the Det painting, the original image for ground truths and
-predicted boxes). Map pixel (i, j) spans [j W/w, (j + 1) W/w) x [i H/h, (i + 1) H/h) of that image and its
-centre is ((j + 0.5) W/w, (i + 0.5) H/h). A float xyxy box [x0, y0, x1, y1] covers map pixel (i, j) when
-that centre lies in [x0, x1) x [y0, y1). Sizes are always given as (H, W), rows first.
-
-This assumes the model input is the whole original image resized (stretched, no padding or crop) to the
-input size, so that one map pixel spans the same fraction of both images.
+Pixels and boxes follow ``custom.localisation.grid``.
 """
 
 from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 from scipy import ndimage
+
+from custom.localisation.grid import _as_tensor, grid_boxes_to_image
 
 ThresholdMode = Literal["percentile", "absolute"]
 ComponentMode = Literal["largest", "max", "union"]
@@ -27,88 +24,6 @@ COMPONENT_MODES = ("largest", "max", "union")
 
 # Maps labelled per scipy call: bounds the int32 label volume (1024 maps of 128 x 128 = 64 MiB).
 _LABEL_CHUNK_PIXELS = 1 << 24
-
-
-def _as_tensor(values, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-    if isinstance(values, torch.Tensor):
-        return values if dtype is None else values.to(dtype)
-    try:
-        return torch.as_tensor(np.asarray(values), dtype=dtype)
-    except (TypeError, ValueError) as error:
-        raise TypeError(f"{name}: expected a tensor or an array, got {type(values).__name__}") from error
-
-
-def _grid_size(grid_size: int | Sequence[int]) -> tuple[int, int]:
-    size = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(int(s) for s in grid_size)
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"grid_size must be an int or (h, w) with positive sides, got {grid_size!r}")
-    return size
-
-
-def box_grid_ranges(
-    boxes, image_sizes, grid_size: int | Sequence[int], min_one_pixel: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return the map pixels each box covers, as half-open row and column ranges.
-
-    Args:
-        boxes: (..., 4) float xyxy in pixels of an image of size ``image_sizes``.
-        image_sizes: (H, W) of that image, shape (2,) or broadcastable to (..., 2).
-        grid_size: (h, w) of the map grid (an int for a square grid).
-        min_one_pixel: a box that overlaps the image but, being thinner than a map pixel, contains no pixel
-            centre along an axis gets the one pixel holding its centre on that axis (so that every ground
-            truth has a non-empty mask); off by default, where the pure centre rule holds.
-
-    Returns:
-        (r0, r1, c0, c1), each int64 (...): the box covers rows r0 <= i < r1 and columns c0 <= j < c1
-        (empty when r1 == r0 or c1 == c0); 0 <= r0 <= r1 <= h and 0 <= c0 <= c1 <= w.
-    """
-    boxes = _as_tensor(boxes, "boxes", torch.float64)
-    if boxes.shape[-1:] != (4,):
-        raise ValueError(f"boxes must have shape (..., 4) xyxy, got {tuple(boxes.shape)}")
-    if not torch.isfinite(boxes).all():
-        raise ValueError("boxes contain NaN or infinite coordinates")
-    sizes = _as_tensor(image_sizes, "image_sizes", torch.float64).to(boxes.device)
-    if sizes.shape[-1:] != (2,) or (sizes <= 0).any():
-        raise ValueError(f"image_sizes must be positive (H, W) pairs, got shape {tuple(sizes.shape)}")
-    grid_h, grid_w = _grid_size(grid_size)
-    ranges = []
-    # Column j's centre (j + 0.5) W/w is >= x0 iff j >= x0 w/W - 0.5, and < x1 iff j < x1 w/W - 0.5.
-    for low, high, length, cells in ((boxes[..., 1], boxes[..., 3], sizes[..., 0], grid_h),
-                                     (boxes[..., 0], boxes[..., 2], sizes[..., 1], grid_w)):
-        scale = cells / length
-        start = torch.ceil(low * scale - 0.5).clamp(0, cells)
-        stop = torch.ceil(high * scale - 0.5).clamp(0, cells)
-        stop = torch.maximum(stop, start)
-        if min_one_pixel:
-            thin = (stop == start) & (high > low) & (high > 0) & (low < length)
-            centre_cell = torch.floor((low + high) / 2 * scale).clamp(0, cells - 1)
-            start = torch.where(thin, centre_cell, start)
-            stop = torch.where(thin, centre_cell + 1, stop)
-        ranges += [start.long(), stop.long()]
-    r0, r1, c0, c1 = ranges
-    return r0, r1, c0, c1
-
-
-def box_masks(
-    boxes, image_sizes, grid_size: int | Sequence[int], min_one_pixel: bool = True
-) -> torch.Tensor:
-    """Paint each box as a binary mask on the map grid (the ground truth g of cDice).
-
-    Args:
-        boxes: (..., 4) float xyxy in pixels of the image of size ``image_sizes`` (H, W), broadcastable.
-        grid_size: (h, w) of the map grid.
-        min_one_pixel: see ``box_grid_ranges``; on by default so no box that overlaps the image is empty.
-
-    Returns:
-        (..., h, w) float32 mask, 1 on the map pixels whose centre lies in the box (module docstring).
-    """
-    r0, r1, c0, c1 = box_grid_ranges(boxes, image_sizes, grid_size, min_one_pixel)
-    grid_h, grid_w = _grid_size(grid_size)
-    rows = torch.arange(grid_h, device=r0.device)
-    cols = torch.arange(grid_w, device=r0.device)
-    in_rows = (rows >= r0[..., None]) & (rows < r1[..., None])
-    in_cols = (cols >= c0[..., None]) & (cols < c1[..., None])
-    return (in_rows[..., :, None] & in_cols[..., None, :]).float()
 
 
 def _numpy_maps(maps) -> np.ndarray:
@@ -433,56 +348,129 @@ def grid_boxes_per_threshold(maps, values, component: ComponentMode = "largest",
     return torch.from_numpy(np.stack(boxes)).to(device), torch.from_numpy(np.stack(valid)).to(device)
 
 
-def grid_boxes_to_image(boxes, grid_size: int | Sequence[int], image_sizes) -> torch.Tensor:
-    """Convert xyxy boxes from map pixels to pixels of an image of size ``image_sizes`` (H, W).
+def box_scores(maps, map_boxes) -> torch.Tensor:
+    """Mean of each map over the map pixels inside its box, by an integral image (no per-box loop).
 
     Args:
-        boxes: (..., 4) float xyxy in map pixels (``mask_boxes``); NaN rows stay NaN.
-        grid_size: (h, w) of the map.
-        image_sizes: (H, W), shape (2,) or broadcastable to (..., 2), e.g. (B, 1, 2) for (B, K, 4) boxes.
+        maps: (..., h, w) float maps; map_boxes: (..., 4) xyxy in MAP pixels, integer-valued
+            (``MapBoxes.map_boxes``), NaN rows for no box.
 
     Returns:
-        (..., 4) float32 xyxy in image pixels: map column j spans [j W/w, (j + 1) W/w).
+        (...) float32; NaN where the box is missing or empty.
     """
-    boxes = _as_tensor(boxes, "boxes", torch.float64)
-    sizes = _as_tensor(image_sizes, "image_sizes", torch.float64).to(boxes.device)
-    if sizes.shape[-1:] != (2,) or (sizes <= 0).any():
-        raise ValueError(f"image_sizes must be positive (H, W) pairs, got shape {tuple(sizes.shape)}")
-    grid_h, grid_w = _grid_size(grid_size)
-    scale = torch.stack([sizes[..., 1] / grid_w, sizes[..., 0] / grid_h] * 2, dim=-1)
-    return (boxes * scale).float()
+    maps = torch.as_tensor(maps)
+    map_boxes = torch.as_tensor(map_boxes)
+    height, width = maps.shape[-2:]
+    integral = torch.zeros(*maps.shape[:-2], height + 1, width + 1, dtype=torch.float64, device=maps.device)
+    integral[..., 1:, 1:] = maps.double().cumsum(-1).cumsum(-2)
+    missing = torch.isnan(map_boxes).any(-1)
+    corners = torch.nan_to_num(map_boxes).round().long().to(maps.device)
+    c0, r0, c1, r1 = corners.unbind(-1)
+    flat = integral.flatten(-2)
+    stride = width + 1
+
+    def at(rows, cols):
+        return flat.gather(-1, (rows * stride + cols)[..., None])[..., 0]
+
+    total = at(r1, c1) - at(r0, c1) - at(r1, c0) + at(r0, c0)
+    area = ((r1 - r0) * (c1 - c0)).double()
+    mean = torch.where(area > 0, total / area.clamp(min=1), torch.nan)
+    return torch.where(missing, torch.nan, mean).float()
 
 
-def extract_boxes(
-    maps,
-    thresholds,
-    original_sizes,
-    mode: ThresholdMode = "percentile",
-    component: ComponentMode = "largest",
-    connectivity: int = 8,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One box per image and class from maps: threshold, choose a component, take its bounding rectangle.
+@dataclass(frozen=True)
+class MapBoxes:
+    """What the box rule gives for maps of leading shape (...) (e.g. (B, K)), with a leading Q axis for
+    ``BoxRule.boxes_per_threshold``.
 
-    Args:
-        maps: (B, K, h, w) Sal, Det or Mix maps (tensor or ndarray).
-        thresholds: (K,) per-class thresholds (or (B, K)): quantiles in [0, 1] of each map's values for
-            ``mode="percentile"`` (0.9 = 90th percentile), map values for ``mode="absolute"``. NaN: no box.
-        original_sizes: (B, 2) (H, W) of each original image, or (2,) for all.
-        mode: "percentile" or "absolute".
-        component: "largest" (paper), "max" or "union" (``select_component``).
-        connectivity: 8 or 4 (``select_component``).
-
-    Returns:
-        boxes (B, K, 4) float32 xyxy in ORIGINAL image pixels (NaN rows where the mask is empty),
-        valid (B, K) bool.
+    boxes: (..., 4) float32 xyxy in ORIGINAL image pixels, inside [0, W] x [0, H]; NaN rows where no box.
+    map_boxes: (..., 4) float32 xyxy in map pixels (integer-valued, pixel edges); NaN rows where no box.
+    valid: (...) bool, a box was found.
     """
-    device = _device_of(maps)
-    maps = _numpy_maps(maps)
-    if maps.ndim != 4:
-        raise ValueError(f"maps must have shape (B, K, h, w), got {maps.shape}")
+
+    boxes: torch.Tensor
+    map_boxes: torch.Tensor
+    valid: torch.Tensor
+
+
+def _sizes_for(original_sizes, lead_shape: tuple[int, ...]) -> torch.Tensor:
+    """(H, W) per map as float64 (*prefix, 1, ..., 1, 2), broadcastable to (*lead_shape, 2): the sizes may
+    be one (2,) pair, or one pair per entry of a prefix of the maps' leading dims (e.g. (B, 2) for (B, K))."""
     sizes = _as_tensor(original_sizes, "original_sizes", torch.float64).cpu()
-    if sizes.shape not in ((2,), (maps.shape[0], 2)):
-        raise ValueError(f"original_sizes must be (2,) or (B={maps.shape[0]}, 2), got {tuple(sizes.shape)}")
-    map_boxes, valid = grid_boxes(maps, threshold_values(maps, thresholds, mode), component, connectivity)
-    boxes = grid_boxes_to_image(map_boxes, maps.shape[-2:], sizes.reshape(-1, 1, 2))
-    return boxes.to(device), valid.to(device)
+    prefix = tuple(sizes.shape[:-1])
+    if sizes.shape[-1:] != (2,) or tuple(lead_shape[: len(prefix)]) != prefix or (sizes <= 0).any():
+        raise ValueError(f"original_sizes must be positive (H, W) pairs of shape (2,) or (*prefix, 2) for maps "
+                         f"of leading shape {tuple(lead_shape)}, got {tuple(sizes.shape)}")
+    return sizes.reshape(*prefix, *([1] * (len(lead_shape) - len(prefix))), 2)
+
+
+def _image_boxes(map_boxes: torch.Tensor, grid_size, sizes: torch.Tensor) -> torch.Tensor:
+    boxes = grid_boxes_to_image(map_boxes.cpu(), grid_size, sizes)
+    # Float rounding of the scale may step past the border by ~1e-5 px: the contract is "inside the image".
+    return torch.minimum(boxes.clamp(min=0), torch.cat([sizes.flip(-1)] * 2, -1).float())
+
+
+@dataclass(frozen=True)
+class BoxRule:
+    """The paper's box rule (Fig. 2, steps 3 and 4): threshold each map, keep one connected component, take
+    its bounding rectangle, and express it in the original image's pixels (``custom.localisation.grid``).
+
+    Every caller (inference, the threshold sweep of the evaluation, the report's pictures, benchmarks) applies
+    boxes through this class, with one threshold per map (``boxes``) or many candidates at once
+    (``boxes_per_threshold``, which sorts each map once for all percentile candidates).
+
+    Args:
+        mode: "percentile" (thresholds are quantiles in [0, 1] of each map's own values; 0.9 = the 90th
+            percentile, the authors' default) or "absolute" (map values).
+        component: "largest" (the paper), "max" (the component holding the map's peak; the authors' "split")
+            or "union" (every thresholded pixel; the authors' "union"). See ``select_component``.
+        connectivity: 8 (diagonal neighbours connect, as the authors' OpenCV contours) or 4.
+    """
+
+    mode: ThresholdMode = "percentile"
+    component: ComponentMode = "largest"
+    connectivity: int = 8
+
+    def __post_init__(self) -> None:
+        if self.mode not in THRESHOLD_MODES:
+            raise ValueError(f"mode must be one of {THRESHOLD_MODES}, got {self.mode!r}")
+        _check_component(self.component)
+        _label_structure(self.connectivity)
+
+    def boxes(self, maps, thresholds, original_sizes) -> MapBoxes:
+        """One box per map.
+
+        Args:
+            maps: (..., h, w) Sal, Det or Mix maps (tensor or ndarray), e.g. (B, K, h, w) or (K, h, w).
+            thresholds: broadcastable to (...), e.g. (K,) per class, in ``mode``'s units; NaN: no box.
+            original_sizes: (H, W) of the original image(s): (2,), or one pair per leading entry, e.g. (B, 2).
+
+        Returns:
+            ``MapBoxes`` of leading shape (...), on the CPU.
+        """
+        checked = _numpy_maps(maps)
+        sizes = _sizes_for(original_sizes, checked.shape[:-2])
+        values = threshold_values(checked, thresholds, self.mode)
+        map_boxes, valid = grid_boxes(checked, values, self.component, self.connectivity)
+        return MapBoxes(_image_boxes(map_boxes, checked.shape[-2:], sizes), map_boxes.cpu(), valid.cpu())
+
+    def boxes_per_threshold(self, maps, candidates, original_sizes, workers: int | None = None) -> MapBoxes:
+        """One box per map for each of Q candidate thresholds (a threshold sweep), the maps checked once.
+
+        Args:
+            maps, original_sizes: as ``boxes``.
+            candidates: (Q,) thresholds in ``mode``'s units, each applied to every map.
+            workers: threads running the candidates in parallel (``grid_boxes_per_threshold``).
+
+        Returns:
+            ``MapBoxes`` of leading shape (Q, ...), on the CPU.
+        """
+        checked = _numpy_maps(maps)
+        sizes = _sizes_for(original_sizes, checked.shape[:-2])
+        candidates = np.asarray(candidates, dtype=np.float64).reshape(-1)
+        if self.mode == "percentile":
+            values = map_quantiles(checked, candidates)
+        else:
+            values = torch.as_tensor(candidates).reshape(-1, *([1] * (checked.ndim - 2)))
+        map_boxes, valid = grid_boxes_per_threshold(checked, values, self.component, self.connectivity, workers)
+        return MapBoxes(_image_boxes(map_boxes, checked.shape[-2:], sizes), map_boxes.cpu(), valid.cpu())
