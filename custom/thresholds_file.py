@@ -217,13 +217,17 @@ def deprecated_name(path: str | os.PathLike | None) -> Path | None:
     return old if old.is_file() else None
 
 
+def _deprecated_id(action: str, path) -> None:
+    warnings.warn("the config id 'calibration_file' is deprecated: set 'thresholds_file'", DeprecationWarning,
+                  stacklevel=3)
+    logger.warning(f"calibration_file is deprecated (use thresholds_file): {action} {path}")
+
+
 def output_path(folder: str | os.PathLike, deprecated_path: str | os.PathLike | None = None) -> str:
     """Where evaluate.yaml writes the thresholds file: ``<folder>/thresholds.json``, or the deprecated config
     id ``calibration_file``'s path when that is set (with a deprecation warning)."""
     if deprecated_path is not None:
-        warnings.warn("the config id 'calibration_file' is deprecated: set 'thresholds_file'", DeprecationWarning,
-                      stacklevel=2)
-        logger.warning(f"calibration_file is deprecated (use thresholds_file): writing {deprecated_path}")
+        _deprecated_id("writing", deprecated_path)
         return str(deprecated_path)
     return str(Path(folder) / FILE_NAME)
 
@@ -248,9 +252,7 @@ def load_thresholds(path: str | os.PathLike | None, required: bool = False, depr
         ValueError naming the file when it is not valid JSON or not a thresholds file of this format.
     """
     if deprecated_path is not None:
-        warnings.warn("the config id 'calibration_file' is deprecated: set 'thresholds_file'", DeprecationWarning,
-                      stacklevel=2)
-        logger.warning(f"calibration_file is deprecated (use thresholds_file): reading {deprecated_path}")
+        _deprecated_id("reading", deprecated_path)
         path = deprecated_path
     old = deprecated_name(path)
     if old is not None:

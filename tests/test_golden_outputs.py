@@ -15,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from conftest import REPO_ROOT, TINY_NETWORK, subprocess_env

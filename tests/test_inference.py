@@ -5,7 +5,6 @@ real DICOM and corrupt files."""
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from custom.inference.inputs import assign_output_names, resolve_inputs, safe_st
 from custom.inference.postprocessing import Findingsd, MapBoxesd, RpSalMapsd
 from custom.inference.writers import output_path, write_nifti_maps
 from custom.localisation import BoxRule, rpsal_maps
-from custom.thresholds_file import Thresholds, load_thresholds, save_thresholds
+from custom.thresholds_file import Thresholds, save_thresholds
 from custom.labels import CLASS_NAMES
 from custom.networks.rpsal import RpSalProbabilities
 

@@ -18,7 +18,6 @@ from custom.localisation.box_rule import (
     threshold_values,
 )
 from custom.localisation.grid import box_grid_ranges, box_masks, grid_boxes_to_image
-from custom.localisation.iou import box_iou
 from custom.localisation.maps import detection_map, minmax_scale, mix_map, rpsal_maps, saliency_map
 
 

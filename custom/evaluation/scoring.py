@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -32,14 +31,12 @@ from custom.evaluation.outputs import MAP_NAMES, EvaluationOutputs
 from custom.evaluation.settings import EvaluationSettings
 from custom.localisation.iou import box_iou
 from custom.metrics import (
-    DEFAULT_KAPPAS,
     BoxThresholdChoice,
     auc_per_class,
     choose_box_thresholds,
     gt_box_dice,
     localisation_summary,
     patient_folds,
-    percentile_grid,
     youden_thresholds,
 )
 

@@ -43,6 +43,15 @@ def file_digest(path: str | os.PathLike, length: int = 16) -> str:
     return _cached_digest(os.path.abspath(path), status.st_size, status.st_mtime_ns, length)
 
 
+def item_source(item: dict, image_key: str = "image") -> str:
+    """The input file of an item: its ``image_path``, else the MetaTensor's ``filename_or_obj``, else its
+    ``output_name``."""
+    if item.get("image_path") is not None:
+        return str(item["image_path"])
+    meta = getattr(item.get(image_key), "meta", None) or item.get(f"{image_key}_meta_dict") or {}
+    return str(meta.get("filename_or_obj") or item.get("output_name") or "")
+
+
 def model_description(thresholds, map_name: str, logits: str, input_size: Sequence[int],
                       checkpoint: str | os.PathLike | None = None, version: str | None = None) -> dict:
     """The document's ``model`` entry: which weights, logits, map and thresholds produced the result.

@@ -22,7 +22,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from custom.inference.findings import findings_document, model_description
+from custom.inference.findings import findings_document, item_source, model_description
 from custom.localisation.box_rule import box_scores
 from custom.localisation.maps import MAP_NAMES, rpsal_maps
 from custom.thresholds_file import LOGITS, Thresholds
@@ -136,8 +136,7 @@ class Findingsd(MapTransform):
         thresholds, map_name, logits: as the transforms before it (recorded in the document).
         class_names: the network's classes, in output order (default the thresholds file's).
         checkpoint: the weights file (recorded with its SHA-256 prefix); version: the bundle version.
-        image_key, original_size_key: the model input and [H, W]; the source is ``image_path`` when present,
-            else the model input's ``filename_or_obj`` meta, else ``image``'s id.
+        image_key, original_size_key: the model input and [H, W]; the source is ``item_source``'s.
     """
 
     def __init__(self, keys: KeysCollection, thresholds: Thresholds, map_name: str = "mix", logits: str = "image",
@@ -153,20 +152,13 @@ class Findingsd(MapTransform):
         self.image_key = image_key
         self.original_size_key = original_size_key
 
-    def source(self, data: Mapping) -> str:
-        """The input file (or id) of an item."""
-        if data.get("image_path") is not None:
-            return str(data["image_path"])
-        meta = getattr(data.get(self.image_key), "meta", None) or data.get(f"{self.image_key}_meta_dict") or {}
-        return str(meta.get("filename_or_obj", data.get("output_name", "")))
-
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         chosen = d["maps"][self.map_name]
         model = model_description(self.thresholds, self.map_name, self.logits, _image_size(d, self.image_key),
                                   self.checkpoint, self.version)
         document = findings_document(
-            image=self.source(d),
+            image=item_source(d, self.image_key),
             original_size=_original_size(d, self.original_size_key),
             class_names=self.class_names,
             probabilities=d["probabilities"],

@@ -20,8 +20,7 @@ from typing import Callable, Sequence
 import torch
 from ignite.engine import Events
 from monai.engines import SupervisedEvaluator
-from monai.engines.utils import engine_apply_transform
-from monai.engines.utils import IterationEvents
+from monai.engines.utils import IterationEvents, engine_apply_transform
 
 from custom.atomic_file import write_json
 from custom.inference.writers import ErrorLog, failure_reason, record_failure

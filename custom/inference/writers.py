@@ -23,6 +23,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from custom.atomic_file import atomic_output, write_json
+from custom.inference.findings import item_source
 from custom.localisation.maps import MAP_NAMES
 
 
@@ -216,14 +217,6 @@ def failure_reason(error: BaseException) -> str:
             break
     chosen = next((e for e in chain if isinstance(e, ImageLoadError)), chain[-1])
     return f"{type(chosen).__name__}: {chosen}"
-
-
-def item_source(item: dict, image_key: str = "image") -> str:
-    """The input file of an item: its ``image_path``, else the MetaTensor's ``filename_or_obj``."""
-    if item.get("image_path") is not None:
-        return str(item["image_path"])
-    meta = getattr(item.get(image_key), "meta", None) or item.get(f"{image_key}_meta_dict") or {}
-    return str(meta.get("filename_or_obj", item.get("output_name")))
 
 
 def record_failure(engine: Engine, item: dict, output: dict | None, reason: str) -> None:

@@ -14,3 +14,21 @@ from custom.localisation.box_rule import COMPONENT_MODES, THRESHOLD_MODES, BoxRu
 from custom.localisation.grid import box_grid_ranges, box_masks, grid_boxes_to_image
 from custom.localisation.iou import box_iou
 from custom.localisation.maps import MAP_NAMES, WEIGHTINGS, detection_map, mix_map, rpsal_maps, saliency_map
+
+__all__ = [
+    "COMPONENT_MODES",
+    "MAP_NAMES",
+    "THRESHOLD_MODES",
+    "WEIGHTINGS",
+    "BoxRule",
+    "MapBoxes",
+    "box_grid_ranges",
+    "box_iou",
+    "box_masks",
+    "box_scores",
+    "detection_map",
+    "grid_boxes_to_image",
+    "mix_map",
+    "rpsal_maps",
+    "saliency_map",
+]
