@@ -233,7 +233,7 @@ def output_path(folder: str | os.PathLike, deprecated_path: str | os.PathLike | 
 
 
 def load_thresholds(path: str | os.PathLike | None, required: bool = False, deprecated_path=None,
-                    **defaults) -> Thresholds:
+                    deprecated_defaults: Mapping | None = None, **defaults) -> Thresholds:
     """Read the thresholds file; without one, Thresholds of defaults.
 
     Args:
@@ -242,6 +242,8 @@ def load_thresholds(path: str | os.PathLike | None, required: bool = False, depr
         required: raise FileNotFoundError when the file is missing (else: defaults, with a warning).
         deprecated_path: the value of the deprecated config id ``calibration_file``; when set, it is read
             instead of ``path``, with a deprecation warning.
+        deprecated_defaults: entries of the deprecated config id ``calibration_defaults``; they override
+            ``defaults``, with a deprecation warning.
         defaults: Thresholds fields used when there is no file (e.g. ``component="max"``); ignored when the
             file exists, since its thresholds only hold for the settings it was made with.
 
@@ -254,6 +256,11 @@ def load_thresholds(path: str | os.PathLike | None, required: bool = False, depr
     if deprecated_path is not None:
         _deprecated_id("reading", deprecated_path)
         path = deprecated_path
+    if deprecated_defaults:
+        warnings.warn("the config id 'calibration_defaults' is deprecated: set 'threshold_defaults'",
+                      DeprecationWarning, stacklevel=2)
+        logger.warning(f"calibration_defaults is deprecated (use threshold_defaults): {dict(deprecated_defaults)}")
+        defaults = {**defaults, **deprecated_defaults}
     old = deprecated_name(path)
     if old is not None:
         warnings.warn(f"{old}: the thresholds file's old name; rename it {FILE_NAME}", DeprecationWarning,

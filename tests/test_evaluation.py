@@ -209,7 +209,7 @@ def test_bundle_evaluate_on_the_tiny_model(tiny_trained_model, tmp_path):
             {
                 "report_dir": str(tmp_path / "report"),
                 "thresholds_file": str(tmp_path / "thresholds.json"),
-                "evaluate#settings#num_overlays": 3,
+                "evaluate#num_overlays": 3,
             }
         )
     )

@@ -239,3 +239,27 @@ def test_torchscript_metadata_is_embedded(exported):
     assert json.loads(extra["metadata.json"])["version"] == json.loads(
         (exported["folder"] / "configs" / "metadata.json").read_text())["version"]
     assert json.loads(extra["inference.json"])["network_def"]["_target_"].endswith("RpSalProbabilities")
+
+
+def test_the_model_zoo_full_verification_passes_unchanged(exported, tmp_path):
+    """The zoo's ci/verify_bundle.py (vendored unchanged in tests/data/modelzoo_ci) in --mode full: directory,
+    version and changelog, metadata schema, properties, network input/output shape, and the TorchScript export
+    by ckpt_export WITHOUT tracing (network_def must torch.jit.script)."""
+    models = tmp_path / "models"
+    shutil.copytree(exported["folder"], models / BUNDLE)
+    command = [sys.executable, str(REPO_ROOT / "tests" / "modelzoo_offline.py"), str(models), BUNDLE, "full"]
+    result = subprocess.run(command, cwd=tmp_path, env=_bare_env(), capture_output=True, text=True, check=False,
+                            timeout=600)
+    log = result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.returncode == 0, log
+    for step in ("directory is verified correctly", "version and changelog are verified correctly",
+                 "metadata format is verified correctly", "data shape is verified correctly",
+                 "export weights into TorchScript module successfully",
+                 "Provided TorchScript module is verified correctly", "finished without error"):
+        assert step in result.stdout, step
+    # The scripted export equals the eager network on the probabilities.
+    scripted = torch.jit.load(str(models / BUNDLE / "models" / "verify_model.ts"), map_location="cpu")
+    eager = _eager_network(models / BUNDLE / "models" / "model.pt")
+    inputs = torch.cat([torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)), _real_input()[None]])
+    with torch.no_grad():
+        assert float((scripted(inputs) - eager(inputs)).abs().max()) <= 1e-5

@@ -75,3 +75,10 @@ def test_the_deprecated_names_are_still_read_with_a_warning(tmp_path, caplog):
     assert output_path(tmp_path) == str(tmp_path / "thresholds.json")
     with pytest.warns(DeprecationWarning):
         assert output_path(tmp_path, "x/calibration.json") == "x/calibration.json"
+
+
+def test_deprecated_defaults_still_apply_with_a_warning(tmp_path):
+    with pytest.warns(DeprecationWarning, match="calibration_defaults"):
+        loaded = load_thresholds(tmp_path / "absent.json", deprecated_defaults={"weighting": "sigmoid"},
+                                 weighting="softmax", sharpness=5.0)
+    assert (loaded.weighting, loaded.sharpness) == ("sigmoid", 5.0)

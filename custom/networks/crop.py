@@ -40,6 +40,9 @@ class BoxCrop(nn.Module):
         super().__init__()
         self.crop_size = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
 
+    # The detection module runs eagerly (or exported by torch.export), not in a scripted model: TorchScript
+    # compiles the image-logit path of RpSalProbabilities and leaves this forward out.
+    @torch.jit.unused
     def forward(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         b, c, height, width = images.shape
         k = boxes.shape[1]

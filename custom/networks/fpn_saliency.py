@@ -8,6 +8,8 @@ Shapes for an input of B images of H x W pixels (H, W multiples of 32), K classe
 
 from __future__ import annotations
 
+from typing import List, Optional, Tuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,12 +42,14 @@ class DenseNetFPN(nn.Module):
         self.lateral = nn.ModuleList(nn.Conv2d(c, fpn_channels, kernel_size=1) for c in tap_channels)
         self.out_channels = fpn_channels
 
-    def taps(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def taps(self, images: torch.Tensor) -> List[torch.Tensor]:
         """Return the 4 tapped activations, strides 4, 8, 16, 32 (finest first)."""
-        taps = []
+        taps: List[torch.Tensor] = []
         x = images
-        for name, layer in self.features.named_children():
-            if name.startswith("transition"):
+        # TorchScript unrolls this loop over the DenseNet's children and resolves hasattr per child (an
+        # isinstance test matches only the first of the transitions, each compiled to its own type).
+        for layer in self.features:
+            if hasattr(layer, "pool") and hasattr(layer, "conv"):  # torchvision's _Transition
                 x = layer.relu(layer.norm(x))
                 taps.append(x)
                 x = layer.pool(layer.conv(x))
@@ -54,29 +58,34 @@ class DenseNetFPN(nn.Module):
         taps.append(self.final_activation(x))
         return taps
 
-    @staticmethod
-    def pixel_conv1x1(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-        """``conv`` (1x1) of x (B, C, h, w) as one matrix product over pixel rows, returned channels-last.
-
-        The same arithmetic as the conv; reading x's pixel rows is a view in either memory format, and the
-        channels-last output is what the saliency head reads without a copy. About 2x faster on the CPU
-        than the 1x1 conv's own kernel at the finest level.
-        """
-        b, _, h, w = x.shape
-        rows = x.permute(0, 2, 3, 1).flatten(1, 2)  # (B, h*w, C), a view
-        out = torch.matmul(rows, conv.weight.reshape(conv.out_channels, -1).t().to(rows.dtype))
-        if conv.bias is not None:
-            out = out.add_(conv.bias.to(out.dtype))  # in place on the product's fresh output
-        return out.view(b, h, w, conv.out_channels).permute(0, 3, 1, 2)
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         taps = self.taps(images)
-        pyramid = self.pixel_conv1x1(self.lateral[-1], taps[-1])
-        for lateral, tap in zip(reversed(self.lateral[:-1]), reversed(taps[:-1])):
+        laterals: List[torch.Tensor] = []
+        for index, lateral in enumerate(self.lateral):
+            laterals.append(pixel_conv1x1(lateral.weight, lateral.bias, taps[index]))
+        pyramid = laterals[-1]
+        for index in range(len(laterals) - 2, -1, -1):
             # In place on the lateral's fresh output (its backward does not need it): one allocation less.
-            upsampled = F.interpolate(pyramid, size=tap.shape[-2:], mode="nearest")
-            pyramid = self.pixel_conv1x1(lateral, tap).add_(upsampled)
+            upsampled = F.interpolate(pyramid, size=laterals[index].shape[-2:], mode="nearest")
+            pyramid = laterals[index].add_(upsampled)
         return pyramid
+
+
+def pixel_conv1x1(weight: torch.Tensor, bias: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 conv (``weight`` (O, C, 1, 1), ``bias`` (O,)) of x (B, C, h, w) as one matrix product over pixel
+    rows, returned channels-last (B, O, h, w).
+
+    The same arithmetic as the conv; reading x's pixel rows is a view in either memory format, and the
+    channels-last output is what the saliency head reads without a copy. About 2x faster on the CPU than the
+    1x1 conv's own kernel at the finest level.
+    """
+    b, _, h, w = x.shape
+    out_channels = weight.shape[0]
+    rows = x.permute(0, 2, 3, 1).flatten(1, 2)  # (B, h*w, C), a view
+    out = torch.matmul(rows, weight.reshape(out_channels, -1).t().to(rows.dtype))
+    if bias is not None:
+        out = out.add_(bias.to(out.dtype))  # in place on the product's fresh output
+    return out.view(b, h, w, out_channels).permute(0, 3, 1, 2)
 
 
 def uses_batch_statistics(norm: nn.BatchNorm2d) -> bool:
@@ -85,9 +94,16 @@ def uses_batch_statistics(norm: nn.BatchNorm2d) -> bool:
 
 
 def fold_running_statistics(
-    norm: nn.BatchNorm2d, groups: int, copies: int = 1
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``norm`` with its running statistics, as the affine map of ``per_class_affine_linear``.
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    groups: int,
+    copies: int = 1,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A BatchNorm with its running statistics (``running_mean``, ``running_var``, ``eps`` and the affine
+    ``weight``, ``bias``, None when not affine), as the affine map of ``per_class_affine_linear``.
 
     The norm's K*Q channels are ``copies`` repeats of G groups of Q channels (K = copies * G): its input
     would be features x (P, G, Q) repeated ``copies`` times. Returns (centre (G, Q), scale (K, Q),
@@ -97,18 +113,18 @@ def fold_running_statistics(
     mean is large against the spread.
     """
     k = groups * copies
-    q = norm.num_features // k
-    if q * k != norm.num_features or norm.running_mean is None:
-        raise ValueError(f"{type(norm).__name__}({norm.num_features}) with running statistics cannot be {k} "
-                         f"copies of {groups} groups")
-    running_mean, running_var = norm.running_mean.view(k, q), norm.running_var.view(k, q)
-    centre = running_mean.view(copies, groups, q).mean(dim=0)
-    scale = torch.rsqrt(running_var + norm.eps)
-    if norm.affine:
-        scale = norm.weight.view(k, q) * scale
-    shift = norm.bias.view(k, q) if norm.affine else torch.zeros_like(scale)
+    channels = running_mean.numel()
+    q = channels // k
+    if q * k != channels:
+        raise ValueError(f"a BatchNorm of {channels} channels cannot be {k} copies of {groups} groups")
+    mean, var = running_mean.view(k, q), running_var.view(k, q)
+    centre = mean.view(copies, groups, q).mean(dim=0)
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = weight.view(k, q) * scale
+    shift = bias.view(k, q) if bias is not None else torch.zeros_like(scale)
     if copies > 1:  # copies = 1: running_mean == centre exactly
-        shift = shift - (running_mean - centre.repeat(copies, 1)) * scale
+        shift = shift - (mean - centre.repeat(copies, 1)) * scale
     return centre, scale, shift
 
 
@@ -182,45 +198,64 @@ class SaliencyHead(nn.Module):
         # Pixels per tile of the per-class branches (None: per_class_linear.default_tile_pixels).
         self.tile_pixels: int | None = None
 
-    def forward(self, pyramid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, pyramid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         b, q, h, w = pyramid.shape
         k, c = self.num_classes, self.class_channels
         slope = self.activation.negative_slope
-        if self.shared_input_norm or type(self.input_norm) is not nn.BatchNorm2d:
+        input_norm = self.input_norm
+        if self.shared_input_norm or not isinstance(input_norm, nn.BatchNorm2d):
             # The shared BN, or another normalisation (e.g. SyncBatchNorm after convert_sync_batchnorm): the
             # straightforward way, with the pyramid repeated for the latter.
             x = pyramid if self.shared_input_norm else pyramid.repeat(1, k, 1, 1)
             class_features = self.class_conv(self.activation(self.input_norm(x)))
             rows = class_features.permute(0, 2, 3, 1).reshape(b * h * w, k, c)
         else:
-            norm = self.input_norm
-            if uses_batch_statistics(norm):
-                pyramid = shared_batch_norm(norm, pyramid, copies=k)
-                centre = None
-                scale = norm.weight.view(k, q) if norm.affine else torch.ones(k, q, device=pyramid.device)
-                shift = norm.bias.view(k, q) if norm.affine else torch.zeros(k, q, device=pyramid.device)
+            running_mean, running_var = input_norm.running_mean, input_norm.running_var
+            centre: Optional[torch.Tensor] = None
+            if input_norm.training or running_mean is None or running_var is None:
+                pyramid, scale, shift = self._batch_normalised_pyramid(pyramid)
             else:
-                centre, scale, shift = fold_running_statistics(norm, groups=1, copies=k)
+                centre, scale, shift = fold_running_statistics(
+                    running_mean, running_var, input_norm.eps, input_norm.weight, input_norm.bias, 1, k
+                )
             pixels = pyramid.permute(0, 2, 3, 1).reshape(b * h * w, 1, q)  # a view when channels-last
             conv = self.class_conv
+            conv_bias = conv.bias
+            assert conv_bias is not None
             rows = per_class_affine_linear(
-                pixels, centre, scale, shift, conv.weight.view(k, c, q), conv.bias.view(k, c), slope,
+                pixels, centre, scale, shift, conv.weight.view(k, c, q), conv_bias.view(k, c), slope,
                 self.tile_pixels,
             )  # (B*h*w, K, C)
         class_features = rows.view(b, h, w, k * c).permute(0, 3, 1, 2)  # channels-last (B, K*C, h, w)
         norm, conv = self.class_norm, self.saliency_conv
-        if type(norm) is not nn.BatchNorm2d or uses_batch_statistics(norm):
+        running_mean, running_var = norm.running_mean, norm.running_var
+        centre: Optional[torch.Tensor] = None
+        if not isinstance(norm, nn.BatchNorm2d) or norm.training or running_mean is None or running_var is None:
             # Batch statistics (training): BatchNorm's own kernels, then the per-class dot product.
-            normalised = norm(class_features).permute(0, 2, 3, 1).reshape(b * h * w, k, c)
-            centre = None
+            normalised = self.class_norm(class_features).permute(0, 2, 3, 1).reshape(b * h * w, k, c)
             scale, shift = torch.ones(k, c, device=rows.device), torch.zeros(k, c, device=rows.device)
         else:
             normalised = rows
-            centre, scale, shift = fold_running_statistics(norm, groups=k)
+            centre, scale, shift = fold_running_statistics(
+                running_mean, running_var, norm.eps, norm.weight, norm.bias, k
+            )
+        saliency_bias = conv.bias
+        assert saliency_bias is not None
         saliency = per_class_affine_linear(
-            normalised, centre, scale, shift, conv.weight.view(k, 1, c), conv.bias.view(k, 1), slope,
+            normalised, centre, scale, shift, conv.weight.view(k, 1, c), saliency_bias.view(k, 1), slope,
             self.tile_pixels,
         )  # (B*h*w, K, 1)
         saliency_logits = saliency.view(b, h, w, k).permute(0, 3, 1, 2).contiguous()
         # (B, h, w, K, C) storage seen as (B, K, C, h, w).
         return rows.view(b, h, w, k, c).permute(0, 3, 4, 1, 2), saliency_logits
+
+    @torch.jit.unused
+    def _batch_normalised_pyramid(self, pyramid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training: the pyramid normalised with its batch statistics, shared by the K copies of each channel
+        (updating the running statistics), and the per-class affine (scale, shift) (K, Q) still to apply."""
+        norm = self.input_norm
+        k, q = self.num_classes, pyramid.shape[1]
+        normalised = shared_batch_norm(norm, pyramid, copies=k)
+        scale = norm.weight.view(k, q) if norm.affine else torch.ones(k, q, device=pyramid.device)
+        shift = norm.bias.view(k, q) if norm.affine else torch.zeros(k, q, device=pyramid.device)
+        return normalised, scale, shift

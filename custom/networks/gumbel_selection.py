@@ -95,6 +95,9 @@ class GumbelProposalSelector(nn.Module):
     ``forward(proposal_logits (B, K, N), temperature)`` -> one-hot selection (B, K, N).
     """
 
+    # The detection module runs eagerly (or exported by torch.export), not in a scripted model: TorchScript
+    # compiles the image-logit path of RpSalProbabilities and leaves this forward out.
+    @torch.jit.unused
     def forward(self, proposal_logits: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
         if self.training:
             return straight_through_gumbel_softmax(proposal_logits, temperature)

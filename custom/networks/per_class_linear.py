@@ -17,6 +17,8 @@ and sums, in tiles), so results agree to float rounding.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -129,13 +131,13 @@ class _PerClassAffineLinear(torch.autograd.Function):
 
 def per_class_affine_linear(
     x: torch.Tensor,
-    centre: torch.Tensor | None,
+    centre: Optional[torch.Tensor],
     scale: torch.Tensor,
     shift: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor,
     negative_slope: float,
-    tile_pixels: int | None = None,
+    tile_pixels: Optional[int] = None,
 ) -> torch.Tensor:
     """``out[p, k] = weight[k] @ leaky_relu(scale[k] * (x[p, k'] - centre[k']) + shift[k]) + bias[k]``.
 
@@ -153,27 +155,35 @@ def per_class_affine_linear(
         the affine map and activation in float32 at least, as BatchNorm does; otherwise in weight's dtype.
     """
     k, c, q = weight.shape
-    if x.ndim != 3 or x.shape[1] not in (1, k) or x.shape[2] != q:
-        raise ValueError(f"x must be (P, 1, Q) or (P, K, Q) with K={k}, Q={q}; got {tuple(x.shape)}")
-    if scale.shape != (k, q) or shift.shape != (k, q) or bias.shape != (k, c):
+    if x.dim() != 3 or (x.shape[1] != 1 and x.shape[1] != k) or x.shape[2] != q:
+        raise ValueError(f"x must be (P, 1, Q) or (P, K, Q) with K={k}, Q={q}; got {list(x.shape)}")
+    if list(scale.shape) != [k, q] or list(shift.shape) != [k, q] or list(bias.shape) != [k, c]:
         raise ValueError(
-            f"expected scale and shift ({k}, {q}), bias ({k}, {c}); got {tuple(scale.shape)}, "
-            f"{tuple(shift.shape)}, {tuple(bias.shape)}"
+            f"expected scale and shift ({k}, {q}), bias ({k}, {c}); got {list(scale.shape)}, "
+            f"{list(shift.shape)}, {list(bias.shape)}"
         )
     if centre is not None and centre.shape != x.shape[1:]:
-        raise ValueError(f"centre must be {tuple(x.shape[1:])}, got {tuple(centre.shape)}")
-    device_type = x.device.type
-    compute_dtype = weight.dtype
-    if torch.is_autocast_enabled(device_type):
-        compute_dtype = torch.get_autocast_dtype(device_type)
-    tile = tile_pixels or default_tile_pixels(x.device, k, q)
+        raise ValueError(f"centre must be {list(x.shape[1:])}, got {list(centre.shape)}")
     # The casts stay outside the Function, so autograd carries the gradients back through them.
     affine_dtype = torch.promote_types(torch.promote_types(torch.float32, scale.dtype), x.dtype)
-    if torch.jit.is_tracing():  # TorchScript cannot hold a Python autograd.Function: the same maths, plainly
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        # TorchScript cannot hold a Python autograd.Function (nor query autocast): the same maths, plainly.
+        compute_dtype = weight.dtype
         centred = x.to(affine_dtype) if centre is None else x.to(affine_dtype) - centre.to(affine_dtype)
         act = F.leaky_relu(scale.to(affine_dtype) * centred + shift.to(affine_dtype), negative_slope)
         out = torch.einsum("pkq,kcq->pkc", act.to(compute_dtype), weight.to(compute_dtype))
         return (out + bias.to(compute_dtype)).contiguous()
+    tile = tile_pixels if tile_pixels is not None else default_tile_pixels(x.device, k, q)
+    return _tiled(x, centre, scale, shift, weight, bias, negative_slope, tile, affine_dtype)
+
+
+@torch.jit.unused
+def _tiled(x, centre, scale, shift, weight, bias, negative_slope: float, tile: int, affine_dtype: torch.dtype):
+    """The tiled autograd Function, under the caller's autocast dtype for the products (eager only)."""
+    device_type = x.device.type
+    compute_dtype = weight.dtype
+    if torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
     with torch.autocast(device_type, enabled=False):
         return _PerClassAffineLinear.apply(
             x,

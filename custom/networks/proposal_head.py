@@ -40,6 +40,9 @@ class ProposalPooler(nn.Module):
         self.output_size = output_size
         self.sampling_ratio = sampling_ratio
 
+    # The detection module runs eagerly (or exported by torch.export), not in a scripted model: TorchScript
+    # compiles the image-logit path of RpSalProbabilities and leaves this forward out.
+    @torch.jit.unused
     def forward(self, features: torch.Tensor, proposals: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         b, f = features.shape[:2]
         n = proposals.shape[0]
@@ -230,6 +233,9 @@ class FixedProposalPooler(nn.Module):
         self._cache[key] = (proposals, proposals._version, proposals.detach().clone(), pooling)
         return pooling
 
+    # The detection module runs eagerly (or exported by torch.export), not in a scripted model: TorchScript
+    # compiles the image-logit path of RpSalProbabilities and leaves this forward out.
+    @torch.jit.unused
     def forward(
         self, features: torch.Tensor, proposals: torch.Tensor, image_size: tuple[int, int]
     ) -> torch.Tensor:
@@ -329,6 +335,9 @@ class ProposalHead(nn.Module):
         self._context_cache = (proposals, (proposals._version, tuple(image_size)), boxes)
         return boxes
 
+    # The detection module runs eagerly (or exported by torch.export), not in a scripted model: TorchScript
+    # compiles the image-logit path of RpSalProbabilities and leaves this forward out.
+    @torch.jit.unused
     def forward(
         self,
         class_features: torch.Tensor,

@@ -44,8 +44,11 @@ def make_proposals(
 class ProposalGrid(nn.Module):
     """Caches the fixed proposals per input size (they depend on nothing else).
 
-    ``forward(image_size)`` -> (N, 4) xyxy input pixels on ``device``.
+    ``forward(image_size)`` -> (N, 4) xyxy input pixels on ``device``. Part of the detection module, which
+    a scripted (TorchScript) model does not run: its forward is left out of the compilation.
     """
+
+    __jit_unused_properties__ = ["num_proposals"]
 
     def __init__(self, levels: tuple[tuple[float, float], ...] = PAPER_PROPOSAL_LEVELS):
         super().__init__()
@@ -56,6 +59,7 @@ class ProposalGrid(nn.Module):
     def num_proposals(self) -> int:
         return sum((round(1 / spacing) + 1) ** 2 for _, spacing in self.levels)
 
+    @torch.jit.unused
     def forward(self, image_size: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
         key = (int(image_size[0]), int(image_size[1]), str(device))
         if key not in self._cache:

@@ -15,7 +15,7 @@ Boxes are xyxy in input-image pixels throughout.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -153,6 +153,9 @@ class RpSalNet(nn.Module):
             f"mil_sharpness={self.mil_sharpness}"
         )
 
+    # Read by Python code only; TorchScript compiles the image-logit path (RpSalProbabilities.forward).
+    __jit_unused_properties__ = ["num_proposals"]
+
     @property
     def num_proposals(self) -> int:
         return self.proposals.num_proposals
@@ -165,15 +168,20 @@ class RpSalNet(nn.Module):
         """Parameters of the detection module (proposal head, crop classifier): stage 2."""
         return [*self.proposal_head.parameters(), *self.crop_classifier.parameters()]
 
+    def classify(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The classification module (paper Sec. 3.2): class features (B, K, C, h, w), saliency logits
+        (B, K, h, w) and image logits y (B, K) of images (B, 3, H, W)."""
+        pyramid = self.fpn(images)
+        class_features, saliency_logits = self.saliency_head(pyramid)
+        return class_features, saliency_logits, self.lse_pooling(saliency_logits)
+
     def forward(self, images: torch.Tensor, with_detection: Optional[bool] = None) -> RpSalOutput:
         if with_detection is None:
             with_detection = self.with_detection
         height, width = images.shape[-2:]
         if height % 32 or width % 32:
             raise ValueError(f"input height and width must be multiples of 32, got {height}x{width}")
-        pyramid = self.fpn(images)
-        class_features, saliency_logits = self.saliency_head(pyramid)
-        image_logits = self.lse_pooling(saliency_logits)
+        class_features, saliency_logits, image_logits = self.classify(images)
         if not with_detection:
             return RpSalOutput(image_logits, saliency_logits)
         proposals = self.proposals((height, width), images.device)
@@ -258,5 +266,12 @@ class RpSalProbabilities(RpSalNet):
         return super().forward(images, with_detection)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        output = self.outputs(images, with_detection=self.logits == "combined")
-        return torch.sigmoid(output.combined_logits if self.logits == "combined" else output.image_logits)
+        if self.logits == "combined":
+            return self._combined_probabilities(images)
+        # The image logits need the classification module only: the path TorchScript compiles.
+        return torch.sigmoid(self.classify(images)[2])
+
+    @torch.jit.unused
+    def _combined_probabilities(self, images):  # unannotated: TorchScript reads it as Tensor -> Tensor
+        """sigmoid(y + z): the detection module runs too (eager and traced; not in a scripted model)."""
+        return torch.sigmoid(self.outputs(images, with_detection=True).combined_logits)
