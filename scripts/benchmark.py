@@ -14,6 +14,9 @@ Sections (``--sections``, default all):
     infer  inference latency per image: the declared inference path of ``inference.yaml`` (its ``inferer``,
            then its ``postprocessing`` per image: Sal/Det/Mix maps, the box rule for the 14 classes, the
            findings document) against a DenseNet-121 forward, batch 1 and 8;
+    deploy latency per image of the deployment exports (``custom.deployment``: network + Sal/Det/Mix maps)
+           run eagerly, as the ``torch.export`` program (``model.pt2``) and as ONNX on onnxruntime
+           (``model.onnx``, CPU), beside a DenseNet-121 forward, batch 1 and 8 (fp32);
     data   images/s of the input pipeline from PNG decoding and from the resized cache, with N workers
            (``scripts/benchmark_data.py``);
     parts  forward + backward time of each part of the RpSal training step, each run alone on the inputs it
@@ -69,7 +72,7 @@ from custom.networks.rpsal import RpSalNet, RpSalOutput
 BEGIN_MARK = "<!-- BEGIN GENERATED: scripts/benchmark.py -->"
 END_MARK = "<!-- END GENERATED -->"
 PRECISIONS = ("fp32", "tf32", "bf16")
-SECTIONS = ("train", "infer", "data", "parts")
+SECTIONS = ("train", "infer", "data", "parts", "deploy")
 NUM_CLASSES = len(CLASS_NAMES)
 CONFIGS = REPO_ROOT / "bundle" / "configs"
 NETWORKS = {"paper": [], "demo": [CONFIGS / "demo_network.yaml"]}
@@ -447,6 +450,45 @@ def infer_section(device, size, batches, precisions, channels_last, repeats, war
     return rows
 
 
+def deploy_section(device, size, batches, repeats, warmup, network="paper") -> list[dict]:
+    """Rows {batch, times of eager / pt2 / onnx / densenet}: the exports of ``custom.deployment``."""
+    import tempfile
+
+    import onnxruntime
+
+    from custom.deployment.exported_model import RpSalMapsModel, export_onnx, export_program
+
+    rpsal, densenet, _ = build_models(device, False, network)
+    inference = bundle_parser("inference.yaml", network, device, thresholds_file=None, image_size=size)
+    thresholds = inference.get_parsed_content("thresholds")
+    model = RpSalMapsModel(rpsal.eval(), size, thresholds.weighting, thresholds.normalize, thresholds.sharpness)
+    program = export_program(model).module()
+    with tempfile.TemporaryDirectory() as folder:
+        onnx_path = export_onnx(model, Path(folder) / "model.onnx")
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = onnxruntime.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    densenet.eval()
+    rows = []
+    for batch in batches:
+        images, _ = make_inputs(device, batch, size, False)
+        feed = {"images": images.cpu().numpy()}
+
+        def torch_call(module):
+            def run():
+                with torch.no_grad():
+                    return module(images)
+            return run
+
+        calls = {"eager": torch_call(model), "pt2": torch_call(program),
+                 "onnx": lambda: session.run(None, feed), "densenet": torch_call(densenet)}
+        row = {"batch": batch, "times": interleaved(Clock(device), calls, repeats, warmup)}
+        rows.append(row)
+        print(f"deploy, batch {batch}: " + ", ".join(
+            f"{name} {_ms(_per_image(row, name))} ms/image" for name in calls), flush=True)
+    return rows
+
+
 def data_section(image_dir: str, size: int, workers: int, batch: int, repeat: int) -> dict:
     from benchmark_data import benchmark as data_benchmark
 
@@ -558,6 +600,22 @@ def _infer_table(rows: list[dict], cpu: bool) -> list[str]:
     return lines + [""]
 
 
+def _deploy_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "### Deployment exports per image: network + Sal/Det/Mix maps, eager vs torch.export vs ONNX Runtime",
+        "",
+        "| batch | eager ms/image | model.pt2 ms/image | model.onnx (onnxruntime) ms/image | DenseNet-121 ms/image | "
+        "onnx / eager |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        eager, pt2, onnx, densenet = (_per_image(row, name) for name in ("eager", "pt2", "onnx", "densenet"))
+        lines.append(f"| {row['batch']} | {_ms(eager)} | {_ms(pt2)} | {_ms(onnx)} | {_ms(densenet)} | "
+                     f"**{onnx / eager:.2f}x** |")
+    return lines + ["", "Boxes are not in these times (``custom.localisation.BoxRule`` on the maps: about 10 ms "
+                    "for 14 classes, see above).", ""]
+
+
 def _parts_table(row: dict) -> list[str]:
     parts = row["parts"]
     total = sum(p["wall"] for p in parts.values())
@@ -620,6 +678,8 @@ def render(results: dict) -> str:
     for row in results.get("train", []):
         if "parts" in row:
             lines += _parts_table(row)
+    if results.get("deploy"):
+        lines += _deploy_table(results["deploy"])
     if results.get("data"):
         lines += _data_table(results["data"])
     lines.append(END_MARK)
@@ -727,6 +787,8 @@ def benchmark(
         results["infer"] = infer_section(
             dev, image_size, infer_batches, precisions, channels_last, repeats, warmup, network
         )
+    if "deploy" in sections:
+        results["deploy"] = deploy_section(dev, image_size, infer_batches, repeats, warmup, network)
     if "data" in sections:
         results["data"] = data_section(data_dir, image_size, data_workers, data_batch, data_repeat)
         results["data"]["source"] = os.path.relpath(data_dir, REPO_ROOT)

@@ -4,7 +4,7 @@ Usage::
 
     python scripts/export_bundle.py --out_dir dist [--model runs/demo/models/model.pt]
         [--thresholds runs/demo/models/thresholds.json] [--overrides bundle/configs/demo_network.yaml]
-        [--torchscript true]
+        [--torchscript true] [--pt2 true] [--onnx true]
 
 Writes ``<out_dir>/chestxray14_rpsal_detection/`` and ``<out_dir>/chestxray14_rpsal_detection.zip`` (the zip
 holds that one folder, as the zoo's zips do):
@@ -15,8 +15,10 @@ holds that one folder, as the zoo's zips do):
 - ``custom/``: this project's Python package, copied inside (the zoo's CI and MONAI Label put the bundle root
   on ``sys.path``, so ``custom.*`` targets resolve without this repository);
 - ``docs/`` (model card, data licence), ``LICENSE``;
-- ``models/``: ``model.pt`` and ``thresholds.json`` when given (weights are optional), and ``model.ts``
-  (TorchScript, traced, via ``monai.bundle ckpt_export``) with ``--torchscript true``.
+- ``models/``: ``model.pt`` and ``thresholds.json`` when given (weights are optional), ``model.ts``
+  (TorchScript, traced, via ``monai.bundle ckpt_export``) with ``--torchscript true``, and ``model.pt2``
+  (torch.export) / ``model.onnx`` (probabilities and maps, for deployment without the bundle:
+  ``custom.deployment``) with ``--pt2 true`` / ``--onnx true``.
 
 ``--overrides`` (a YAML/JSON file or a dict of config id -> value, e.g. ``bundle/configs/demo_network.yaml``,
 the demo network's sizes) is set in ``configs/inference.yaml`` by config id, so the exported inference config
@@ -182,6 +184,30 @@ def export_torchscript(bundle: Path, metadata: dict) -> Path:
     return bundle / "models" / "model.ts"
 
 
+def export_deployment(bundle: Path, pt2: bool, onnx: bool) -> list[Path]:
+    """Write ``models/model.pt2`` (torch.export) and/or ``models/model.onnx`` from the exported bundle's own
+    inference config, checkpoint and thresholds file: the normalised image batch -> the 14 probabilities and
+    the Sal / Det / Mix maps, batch size dynamic (``custom.deployment.exported_model``)."""
+    if str(REPO_ROOT) not in sys.path:  # run as scripts/export_bundle.py: the repository's custom package
+        sys.path.insert(0, str(REPO_ROOT))
+    from custom.deployment.exported_model import RpSalMapsModel, export_onnx, export_pt2, load_network
+
+    if not (bundle / "models" / "model.pt").is_file():
+        raise ExportError(f"{bundle}/models/model.pt: needed for --pt2 / --onnx (pass --model)")
+    config = bundle / "configs" / "inference.yaml"
+    network, thresholds, size = load_network(str(config), bundle / "models" / "model.pt",
+                                             {"bundle_root": str(bundle)})
+    model = RpSalMapsModel(network, size, thresholds.weighting, thresholds.normalize, thresholds.sharpness,
+                           network.logits)
+    metadata = bundle / "configs" / "metadata.json"
+    written = []
+    if pt2:
+        written.append(export_pt2(model, bundle / "models" / "model.pt2", metadata, config))
+    if onnx:
+        written.append(export_onnx(model, bundle / "models" / "model.onnx", metadata, config))
+    return written
+
+
 def zip_bundle(bundle: Path, zip_path: Path) -> Path:
     """Zip the bundle folder so the archive holds ``<bundle name>/...`` (sorted entries)."""
     temp = zip_path.with_name(f".{zip_path.name}.{os.getpid()}.tmp")
@@ -195,7 +221,8 @@ def zip_bundle(bundle: Path, zip_path: Path) -> Path:
 
 def export_bundle(out_dir: str = "dist", model: str | None = None, thresholds: str | None = None,
                   overrides=None, torchscript: bool = False, make_zip: bool = True,
-                  force: bool = False, calibration: str | None = None) -> str:
+                  force: bool = False, calibration: str | None = None, pt2: bool = False,
+                  onnx: bool = False) -> str:
     """Write the self-contained bundle folder (and zip) under ``out_dir``.
 
     Args:
@@ -205,6 +232,8 @@ def export_bundle(out_dir: str = "dist", model: str | None = None, thresholds: s
         overrides: config id -> value (dict, or a YAML/JSON file such as ``bundle/configs/demo_network.yaml``)
             set in ``configs/inference.yaml``.
         torchscript: also write ``models/model.ts`` (needs ``model``).
+        pt2, onnx: also write ``models/model.pt2`` (torch.export) / ``models/model.onnx``: probabilities and
+            maps, batch size dynamic (need ``model``; ONNX needs ``onnxscript``).
         make_zip: also write ``out_dir/chestxray14_rpsal_detection.zip``.
         force: replace an existing bundle folder.
         calibration: deprecated name of ``thresholds`` (bundle 0.1.0).
@@ -226,6 +255,8 @@ def export_bundle(out_dir: str = "dist", model: str | None = None, thresholds: s
         metadata = write_bundle_folder(bundle, model, thresholds, overrides)
         if torchscript:
             export_torchscript(bundle, metadata)
+        if pt2 or onnx:
+            export_deployment(bundle, pt2, onnx)
     except BaseException:
         shutil.rmtree(bundle, ignore_errors=True)  # no half-written bundle left behind
         raise

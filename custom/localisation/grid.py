@@ -54,10 +54,11 @@ def box_grid_ranges(
     boxes = _as_tensor(boxes, "boxes", torch.float64)
     if boxes.shape[-1:] != (4,):
         raise ValueError(f"boxes must have shape (..., 4) xyxy, got {tuple(boxes.shape)}")
-    if not torch.isfinite(boxes).all():
+    tracing = torch.compiler.is_compiling()  # no data to check in a torch.export / ONNX trace
+    if not tracing and not torch.isfinite(boxes).all():
         raise ValueError("boxes contain NaN or infinite coordinates")
     sizes = _as_tensor(image_sizes, "image_sizes", torch.float64).to(boxes.device)
-    if sizes.shape[-1:] != (2,) or (sizes <= 0).any():
+    if sizes.shape[-1:] != (2,) or (not tracing and (sizes <= 0).any()):
         raise ValueError(f"image_sizes must be positive (H, W) pairs, got shape {tuple(sizes.shape)}")
     grid_h, grid_w = _grid_size(grid_size)
     ranges = []

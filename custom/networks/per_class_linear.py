@@ -166,8 +166,9 @@ def per_class_affine_linear(
         raise ValueError(f"centre must be {list(x.shape[1:])}, got {list(centre.shape)}")
     # The casts stay outside the Function, so autograd carries the gradients back through them.
     affine_dtype = torch.promote_types(torch.promote_types(torch.float32, scale.dtype), x.dtype)
-    if torch.jit.is_scripting() or torch.jit.is_tracing():
-        # TorchScript cannot hold a Python autograd.Function (nor query autocast): the same maths, plainly.
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        # TorchScript cannot hold a Python autograd.Function (nor query autocast), and torch.export cannot
+        # trace its out= products: the same maths, plainly.
         compute_dtype = weight.dtype
         centred = x.to(affine_dtype) if centre is None else x.to(affine_dtype) - centre.to(affine_dtype)
         act = F.leaky_relu(scale.to(affine_dtype) * centred + shift.to(affine_dtype), negative_slope)

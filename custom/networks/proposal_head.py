@@ -44,20 +44,27 @@ class ProposalPooler(nn.Module):
     # compiles the image-logit path of RpSalProbabilities and leaves this forward out.
     @torch.jit.unused
     def forward(self, features: torch.Tensor, proposals: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
-        b, f = features.shape[:2]
-        n = proposals.shape[0]
-        batch_index = torch.arange(b, device=features.device, dtype=proposals.dtype).repeat_interleave(n)
-        rois = torch.cat([batch_index[:, None], proposals.repeat(b, 1)], dim=1)
-        # roi_align has no bfloat16 kernel on CUDA: pool in float32 whatever the autocast dtype.
-        pooled = roi_align(
-            features.float(),
-            rois.float(),
-            output_size=self.output_size,
-            spatial_scale=features.shape[-1] / image_size[1],
-            sampling_ratio=self.sampling_ratio,
-            aligned=True,
-        )
-        return pooled.view(b, n, f, self.output_size, self.output_size)
+        return roi_align_pool(features, proposals, image_size, self.output_size, self.sampling_ratio)
+
+
+def roi_align_pool(features: torch.Tensor, proposals: torch.Tensor, image_size: tuple[int, int], output_size: int,
+                   sampling_ratio: int) -> torch.Tensor:
+    """torchvision's RoIAlign (``aligned=True``) of the same N proposals on every image: (B, F, h, w) ->
+    (B, N, F, s, s) float32."""
+    b, f = features.shape[:2]
+    n = proposals.shape[0]
+    batch_index = torch.arange(b, device=features.device, dtype=proposals.dtype).repeat_interleave(n)
+    rois = torch.cat([batch_index[:, None], proposals.repeat(b, 1)], dim=1)
+    # roi_align has no bfloat16 kernel on CUDA: pool in float32 whatever the autocast dtype.
+    pooled = roi_align(
+        features.float(),
+        rois.float(),
+        output_size=output_size,
+        spatial_scale=features.shape[-1] / image_size[1],
+        sampling_ratio=sampling_ratio,
+        aligned=True,
+    )
+    return pooled.view(b, n, f, output_size, output_size)
 
 
 def roi_align_matrix(
@@ -210,6 +217,32 @@ class FixedProposalPooler(nn.Module):
         self.sampling_ratio = sampling_ratio
         self._cache: dict[tuple, tuple[torch.Tensor, int, torch.Tensor, _PoolingMatrix]] = {}
 
+    def freeze_for_export(self, proposals: torch.Tensor, feature_size: tuple[int, int],
+                          image_size: tuple[int, int]) -> None:
+        """Before ``torch.export``: keep the one-image pooling matrix of these proposals as constant CSR
+        triplets (non-persistent buffers: the state dict is unchanged), so the exported graph holds the same
+        sparse pooling without building it from data (its nonzeros are data-dependent in a trace)."""
+        matrix = roi_align_matrix(proposals.detach().cpu(), feature_size, feature_size[1] / image_size[1],
+                                  self.output_size, self.sampling_ratio)
+        offsets, columns, values = _csr_triplets(matrix)
+        for name, value in (("export_offsets", offsets), ("export_columns", columns), ("export_values", values)):
+            self.register_buffer(name, value.clone().to(proposals.device), persistent=False)  # own storage
+        self.export_sizes = (tuple(int(v) for v in feature_size), tuple(int(v) for v in image_size))
+
+    def _traced_pooling(self, features: torch.Tensor, proposals: torch.Tensor,
+                        image_size: tuple[int, int]) -> torch.Tensor:
+        """The pooling inside a torch.export trace: the frozen matrix applied to every image at once (the batch
+        folded into the feature columns, so any batch size), or torchvision's RoIAlign when none is frozen
+        for these sizes (an exported graph then needs torchvision's ops to run)."""
+        b, f, h, w = features.shape
+        s = self.output_size
+        if getattr(self, "export_sizes", None) != ((h, w), tuple(int(v) for v in image_size)):
+            return roi_align_pool(features, proposals, image_size, s, self.sampling_ratio)
+        rows = features.float().permute(2, 3, 0, 1).reshape(h * w, b * f)  # (P, B*F)
+        pooled = F.embedding_bag(self.export_columns, rows, self.export_offsets, mode="sum",
+                                 per_sample_weights=self.export_values)  # (N*s*s, B*F)
+        return pooled.view(-1, s, s, b, f).permute(3, 0, 4, 1, 2)
+
     def matrix(self, proposals: torch.Tensor, feature_size: tuple[int, int], image_size: tuple[int, int],
                batch: int = 1) -> _PoolingMatrix:
         """The block-diagonal pooling matrix of ``batch`` images (cached; rebuilt if the proposals change).
@@ -239,6 +272,8 @@ class FixedProposalPooler(nn.Module):
     def forward(
         self, features: torch.Tensor, proposals: torch.Tensor, image_size: tuple[int, int]
     ) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._traced_pooling(features, proposals, image_size)
         b, f, h, w = features.shape
         n, s = proposals.shape[0], self.output_size
         matrix = self.matrix(proposals, (h, w), image_size, b)
