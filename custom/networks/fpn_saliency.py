@@ -88,11 +88,6 @@ def pixel_conv1x1(weight: torch.Tensor, bias: Optional[torch.Tensor], x: torch.T
     return out.view(b, h, w, out_channels).permute(0, 3, 1, 2)
 
 
-def uses_batch_statistics(norm: nn.BatchNorm2d) -> bool:
-    """Whether ``norm`` normalises with the statistics of its input batch (as BatchNorm2d.forward decides)."""
-    return norm.training or norm.running_mean is None
-
-
 def fold_running_statistics(
     running_mean: torch.Tensor,
     running_var: torch.Tensor,

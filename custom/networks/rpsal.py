@@ -170,7 +170,10 @@ class RpSalNet(nn.Module):
 
     def classify(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The classification module (paper Sec. 3.2): class features (B, K, C, h, w), saliency logits
-        (B, K, h, w) and image logits y (B, K) of images (B, 3, H, W)."""
+        (B, K, h, w) and image logits y (B, K) of images (B, 3, H, W), H and W multiples of 32."""
+        height, width = images.shape[-2], images.shape[-1]
+        if height % 32 != 0 or width % 32 != 0:
+            raise ValueError(f"input height and width must be multiples of 32, got {height}x{width}")
         pyramid = self.fpn(images)
         class_features, saliency_logits = self.saliency_head(pyramid)
         return class_features, saliency_logits, self.lse_pooling(saliency_logits)
@@ -179,8 +182,6 @@ class RpSalNet(nn.Module):
         if with_detection is None:
             with_detection = self.with_detection
         height, width = images.shape[-2:]
-        if height % 32 or width % 32:
-            raise ValueError(f"input height and width must be multiples of 32, got {height}x{width}")
         class_features, saliency_logits, image_logits = self.classify(images)
         if not with_detection:
             return RpSalOutput(image_logits, saliency_logits)
