@@ -1,4 +1,4 @@
-"""DICOM in, DICOM out: run the bundle on CR/DX radiographs and write an SR and an overlay into each study.
+"""DICOM in, DICOM out: run the bundle on CR/DX radiographs and write an SR and a presentation state into each study.
 
 Usage::
 
@@ -7,7 +7,7 @@ Usage::
         [--overrides overrides.yaml] [--uid_prefix 1.2.826.0.1.3680043.10.999.]
 
 INPUT is a DICOM file or a folder of them. For each radiograph, OUT receives ``<name>_sr.dcm``
-(Comprehensive SR), ``<name>_overlay.dcm`` (Secondary Capture) and ``<name>_findings.json``; see
+(TID 1500 Comprehensive SR), ``<name>_gsps.dcm`` (Presentation State) and ``<name>_findings.json``; see
 docs/dicom.md. It runs the bundle's declared workflow, ``configs/inference.yaml`` with
 ``configs/inference_dicom.yaml`` merged on it (``custom.dicom.writers``); the network sizes, checkpoint and
 thresholds come from those configs (``--overrides``: a YAML/JSON file or dict of config id -> value, e.g. the
@@ -27,22 +27,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-import yaml
-
-
-def _overrides(overrides) -> dict:
-    if overrides is None:
-        return {}
-    if isinstance(overrides, dict):
-        return dict(overrides)
-    path = Path(str(overrides))
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: overrides file not found")
-    content = yaml.safe_load(path.read_text(encoding="utf-8"))
-    if not isinstance(content, dict):
-        raise TypeError(f"{path}: overrides must be a mapping of config id -> value")
-    return content
-
 
 def dicom_infer(input: str, out_dir: str, config_file: str = str(REPO_ROOT / "bundle/configs/inference.yaml"),
                 ckpt_path: str | None = None, thresholds_file: str | None = None, overrides=None,
@@ -56,13 +40,14 @@ def dicom_infer(input: str, out_dir: str, config_file: str = str(REPO_ROOT / "bu
             ``inference_dicom.yaml`` beside it is merged on it.
         ckpt_path / thresholds_file: override the config's ``ckpt_path`` / ``thresholds_file``.
         overrides: further config id -> value pairs (dict or YAML/JSON file).
-        uid_prefix: UID root for the new series and instances (pydicom's when None).
+        uid_prefix: UID root for the results (the config's, else pydicom's, when None).
     """
     from monai.bundle import ConfigWorkflow
 
+    from custom.arguments import overrides_mapping
     from custom.inference.inputs import resolve_inputs
 
-    settings = _overrides(overrides)
+    settings = overrides_mapping(overrides)
     if config_file == str(REPO_ROOT / "bundle/configs/inference.yaml"):
         settings.setdefault("bundle_root", str(REPO_ROOT / "bundle"))
     if ckpt_path is not None:
@@ -70,7 +55,9 @@ def dicom_infer(input: str, out_dir: str, config_file: str = str(REPO_ROOT / "bu
     if thresholds_file is not None:
         settings["thresholds_file"] = str(thresholds_file)
     resolve_inputs(input)  # raises naming the path when it does not exist or holds no image
-    settings.update({"input": str(input), "output_dir": str(out_dir), "uid_prefix": uid_prefix})
+    settings.update({"input": str(input), "output_dir": str(out_dir)})
+    if uid_prefix is not None:
+        settings["uid_prefix"] = str(uid_prefix)
     dicom_config = str(Path(config_file).with_name("inference_dicom.yaml"))
     workflow = ConfigWorkflow(config_file=[config_file, dicom_config], workflow_type="infer", **settings)
     workflow.initialize()

@@ -12,23 +12,31 @@ import subprocess
 import sys
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
 import yaml
 from conftest import REPO_ROOT, TINY_NETWORK, bundle_command, subprocess_env
 from pydicom.data import get_testdata_file
-from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
+from pydicom.uid import (
+    ComprehensiveSRStorage,
+    GrayscaleSoftcopyPresentationStateStorage,
+    SecondaryCaptureImageStorage,
+)
 
 from custom.dicom import (
     DicomSourceError,
     Finding,
+    build_findings_gsps,
     build_findings_sr,
     build_overlay_sc,
     read_findings_sr,
     read_source,
     render_overlay,
+    result_uids,
 )
+from custom.dicom.codes import class_of_code, finding_code
 from custom.dicom.secondary_capture import CLASS_COLOURS
 from custom.dicom.study import save
 from custom.inference.findings import validate_findings
@@ -89,45 +97,69 @@ def test_non_radiographs_are_refused_naming_the_file_and_reason(path, expected):
         assert isinstance(info.value, DicomSourceError)
 
 
-def test_sr_round_trip(source, tmp_path):
+def test_sr_is_a_tid1500_report_that_highdicom_parses_back(source, tmp_path):
     header, _ = source
-    probabilities = [0.1] * 14
-    sr = build_findings_sr(header, FINDINGS, probabilities, algorithm_version="9.9.9")
+    sr = build_findings_sr(header, FINDINGS, algorithm_version="9.9.9")
     path = save(sr, tmp_path / "sr.dcm")
     ds = pydicom.dcmread(path)
     assert ds.SOPClassUID == ComprehensiveSRStorage and ds.Modality == "SR"
     _same_study_new_series(ds, header)
     assert ds.VerificationFlag == "UNVERIFIED" and ds.CompletionFlag == "COMPLETE"
+    assert "unverified" in ds.SeriesDescription.lower()
+    assert ds.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    assert ds.ConceptNameCodeSequence[0].CodeValue == "126000"  # Imaging Measurement Report
     # The evidence names the source image in its series.
     evidence = ds.CurrentRequestedProcedureEvidenceSequence[0]
     assert evidence.StudyInstanceUID == header.StudyInstanceUID
-    assert evidence.ReferencedSeriesSequence[0].SeriesInstanceUID == header.SeriesInstanceUID
     assert evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
         header.SOPInstanceUID)
-    # One group per finding: class code, probability, box (the SCOORD selected from the source image).
-    assert read_findings_sr(ds) == FINDINGS
-    groups = [item for item in ds.ContentSequence if item.ValueType == "CONTAINER"]
-    assert len(groups) == len(FINDINGS)
-    scoord = next(child for child in groups[0].ContentSequence if child.ValueType == "SCOORD")
-    assert scoord.GraphicType == "POLYLINE"
-    assert [float(v) for v in scoord.GraphicData] == [610.5, 980.0, 1420.25, 980.0, 1420.25, 1510.0, 610.5,
-                                                       1510.0, 610.5, 980.0]
-    image_ref = scoord.ContentSequence[0]
-    assert image_ref.RelationshipType == "SELECTED FROM"
-    assert image_ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == header.SOPInstanceUID
-    code = groups[0].ContentSequence[0].ConceptCodeSequence[0]
-    assert (code.CodeValue, code.CodingSchemeDesignator) == ("01", "99CXR14")
-    assert code.CodeMeaning == "Cardiomegaly"
-    texts = {item.ConceptNameCodeSequence[0].CodeMeaning: item.TextValue for item in ds.ContentSequence
+    # highdicom reads it back: the same classes, probabilities and boxes (the box-less one without a region).
+    parsed = hd.sr.srread(path)
+    assert read_findings_sr(parsed) == FINDINGS
+    groups = parsed.content.get_planar_roi_measurement_groups()
+    assert len(groups) == 2 and len(parsed.content.get_image_measurement_groups()) == 1
+    cardiomegaly = groups[0]
+    assert (cardiomegaly.finding_type.value, cardiomegaly.finding_type.scheme_designator) == ("287272002", "SCT")
+    assert cardiomegaly.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+    np.testing.assert_allclose(cardiomegaly.roi.value, [[610.5, 980.0], [1420.25, 980.0], [1420.25, 1510.0],
+                                                        [610.5, 1510.0], [610.5, 980.0]])
+    selected_from = cardiomegaly.roi.ContentSequence[0]
+    assert selected_from.RelationshipType == "SELECTED FROM"
+    assert selected_from.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == header.SOPInstanceUID
+    assert cardiomegaly.tracking_identifier == "Cardiomegaly finding" and cardiomegaly.tracking_uid
+    texts = {item.ConceptNameCodeSequence[0].CodeMeaning: item.TextValue for item in cardiomegaly[0].ContentSequence
              if item.ValueType == "TEXT"}
-    assert texts["Algorithm Version"] == "9.9.9"
-    assert "Cardiomegaly: probability 0.910" in texts["Summary"] and "Nodule: probability 0.550, no box" in (
-        texts["Summary"])
+    assert texts["Algorithm Name"] == "RpSal (Hermoza et al., MICCAI 2020)" and texts["Algorithm Version"] == "9.9.9"
+    probability = cardiomegaly.get_measurements(name=hd.sr.CodedConcept("122157", "DCM", "Probability"))[0]
+    assert probability.value == pytest.approx(0.91) and probability.unit.value == "1"
+    # A class without a standard code is declared in the private scheme.
+    assert [item.CodingSchemeDesignator for item in ds.CodingSchemeIdentificationSequence] == ["99CXR14"]
+
+
+@pytest.mark.parametrize("class_name", CLASS_NAMES)
+def test_every_class_code_reads_back_to_its_class(class_name):
+    code = finding_code(class_name)
+    assert class_of_code(code.value, code.scheme_designator) == class_name
+    assert code.scheme_designator in ("SCT", "99CXR14")
+
+
+def test_result_uids_are_deterministic_and_under_the_root(source):
+    header, _ = source
+    first = build_findings_sr(header, FINDINGS, "1.0.0", uid_prefix="1.2.826.0.1.3680043.10.999.")
+    again = build_findings_sr(header, FINDINGS, "1.0.0", uid_prefix="1.2.826.0.1.3680043.10.999.")
+    assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (again.SOPInstanceUID, again.SeriesInstanceUID)
+    assert first.SOPInstanceUID.startswith("1.2.826.0.1.3680043.10.999.") and len(first.SOPInstanceUID) <= 64
+    other_version = build_findings_sr(header, FINDINGS, "1.0.1", uid_prefix="1.2.826.0.1.3680043.10.999.")
+    gsps = build_findings_gsps(header, FINDINGS, "1.0.0", uid_prefix="1.2.826.0.1.3680043.10.999.")
+    uids = {first.SOPInstanceUID, other_version.SOPInstanceUID, gsps.SOPInstanceUID, header.SOPInstanceUID}
+    assert len(uids) == 4
+    with pytest.raises(ValueError, match="kind"):
+        result_uids(header.SOPInstanceUID, "1.0.0", "seg")
 
 
 def test_sr_without_findings_and_bad_findings(source):
     header, _ = source
-    ds = build_findings_sr(header, [], None)
+    ds = build_findings_sr(header, [])
     assert read_findings_sr(ds) == []
     with pytest.raises(ValueError, match="reported once"):
         build_findings_sr(header, [FINDINGS[0], FINDINGS[0]])
@@ -139,6 +171,25 @@ def test_sr_without_findings_and_bad_findings(source):
         Finding("Mass", 0.5, (10, 10, 5, 20))
 
 
+def test_presentation_state_draws_the_boxes_over_the_original_image(source, tmp_path):
+    header, _ = source
+    path = save(build_findings_gsps(header, FINDINGS, "9.9.9"), tmp_path / "gsps.dcm")
+    ds = pydicom.dcmread(path)
+    assert ds.SOPClassUID == GrayscaleSoftcopyPresentationStateStorage and ds.Modality == "PR"
+    _same_study_new_series(ds, header)
+    assert "unverified" in ds.SeriesDescription.lower()
+    referenced = ds.ReferencedSeriesSequence[0]
+    assert referenced.SeriesInstanceUID == header.SeriesInstanceUID
+    assert referenced.ReferencedImageSequence[0].ReferencedSOPInstanceUID == header.SOPInstanceUID
+    assert ds.PresentationLUTShape == "INVERSE"  # the source is MONOCHROME1
+    annotation = ds.GraphicAnnotationSequence[0]
+    boxes = [np.asarray(item.GraphicData, dtype=float).reshape(-1, 2) for item in annotation.GraphicObjectSequence]
+    assert [item.GraphicAnnotationUnits for item in annotation.GraphicObjectSequence] == ["PIXEL", "PIXEL"]
+    np.testing.assert_allclose(boxes[0][[0, 2]], [[610.5, 980.0], [1420.25, 1510.0]])
+    labels = [item.UnformattedTextValue for item in annotation.TextObjectSequence]
+    assert labels == ["Cardiomegaly 0.91", "Effusion 0.62", "Nodule 0.55 (no box)"]
+
+
 def test_overlay_secondary_capture_round_trip(source, tmp_path):
     header, grey = source
     rgb = render_overlay(grey.array, FINDINGS)
@@ -148,7 +199,7 @@ def test_overlay_secondary_capture_round_trip(source, tmp_path):
     ds = pydicom.dcmread(path)
     assert ds.SOPClassUID == SecondaryCaptureImageStorage and ds.Modality == "OT"
     _same_study_new_series(ds, header)
-    assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == header.SOPInstanceUID
+    assert "unverified" in ds.SeriesDescription.lower()
     assert ds.BurnedInAnnotation == "YES" and ds.PhotometricInterpretation == "RGB"
     pixels = ds.pixel_array
     assert pixels.shape == (CR_ROWS, CR_COLUMNS, 3)
@@ -168,36 +219,48 @@ def overrides_file(tmp_path_factory, tiny_trained_model) -> Path:
     return path
 
 
-def _check_outputs(out: Path, stem: str) -> None:
-    """The SR and overlay written for RG1_UNCR: same study, one finding per positive class, boxes inside."""
+def _check_outputs(out: Path, stem: str, secondary_capture: bool = False) -> None:
+    """The SR and GSPS (and Secondary Capture) written for RG1_UNCR: same study, one finding per positive
+    class, boxes inside the image and equal (0.5 px) to the findings document's."""
     source = pydicom.dcmread(CR, stop_before_pixels=True)
     result = json.loads((out / f"{stem}_findings.json").read_text())
     validate_findings(result, REPO_ROOT / "bundle")
-    assert result["files"] == {"sr": f"{stem}_sr.dcm", "overlay_dicom": f"{stem}_overlay.dcm"}
-    sr = pydicom.dcmread(out / f"{stem}_sr.dcm")
-    overlay = pydicom.dcmread(out / f"{stem}_overlay.dcm")
-    assert sr.SOPClassUID == ComprehensiveSRStorage and overlay.SOPClassUID == SecondaryCaptureImageStorage
+    expected_files = {"sr": f"{stem}_sr.dcm", "presentation_state": f"{stem}_gsps.dcm"}
+    if secondary_capture:
+        expected_files["overlay_dicom"] = f"{stem}_overlay.dcm"
+    assert result["files"] == expected_files
+    sr = hd.sr.srread(out / f"{stem}_sr.dcm")
+    gsps = pydicom.dcmread(out / f"{stem}_gsps.dcm")
+    assert sr.SOPClassUID == ComprehensiveSRStorage
+    assert gsps.SOPClassUID == GrayscaleSoftcopyPresentationStateStorage
     _same_study_new_series(sr, source)
-    _same_study_new_series(overlay, source)
-    assert sr.SeriesInstanceUID != overlay.SeriesInstanceUID
+    _same_study_new_series(gsps, source)
+    assert sr.SeriesInstanceUID != gsps.SeriesInstanceUID
     assert result["original_size"] == [CR_ROWS, CR_COLUMNS]
     findings = read_findings_sr(sr)
     assert sorted(f.class_name for f in findings) == sorted(result["positive"])
     assert len(findings) == 14  # decision threshold 0: every class positive
     by_class = {f["class"]: f for f in result["findings"]}
     for finding in findings:
-        assert finding.probability == pytest.approx(result["probabilities"][finding.class_name], abs=1e-5)
+        assert finding.probability == pytest.approx(result["probabilities"][finding.class_name], abs=1e-6)
         if finding.box is None:
             assert finding.class_name in result["positive_without_box"]
             continue
         x0, y0, x1, y1 = finding.box
         assert 0 <= x0 < x1 <= CR_COLUMNS and 0 <= y0 < y1 <= CR_ROWS
-        assert list(finding.box) == pytest.approx(by_class[finding.class_name]["box"], abs=1e-3)
-    assert overlay.pixel_array.shape == (CR_ROWS, CR_COLUMNS, 3)
+        assert list(finding.box) == pytest.approx(by_class[finding.class_name]["box"], abs=0.5)
     assert [f.class_name for f in findings] == [n for n in CLASS_NAMES if n in result["positive"]]
+    assert len(gsps.GraphicAnnotationSequence[0].TextObjectSequence) == 14
+    if secondary_capture:
+        overlay = pydicom.dcmread(out / f"{stem}_overlay.dcm")
+        assert overlay.SOPClassUID == SecondaryCaptureImageStorage
+        _same_study_new_series(overlay, source)
+        assert overlay.pixel_array.shape == (CR_ROWS, CR_COLUMNS, 3)
+    else:
+        assert not (out / f"{stem}_overlay.dcm").exists()
 
 
-def test_dicom_infer_cli_writes_sr_and_overlay_and_refuses_ct(tmp_path, overrides_file):
+def test_dicom_infer_cli_writes_sr_and_gsps_and_refuses_ct(tmp_path, overrides_file):
     inputs = tmp_path / "in"
     inputs.mkdir()
     shutil.copy(CR, inputs / "RG1_UNCR.dcm")
@@ -221,10 +284,11 @@ def test_dicom_infer_cli_writes_sr_and_overlay_and_refuses_ct(tmp_path, override
 def test_bundle_dicom_config_runs_with_monai_bundle(tmp_path, overrides_file):
     out = tmp_path / "out"
     configs = ["bundle/configs/inference.yaml", "bundle/configs/inference_dicom.yaml", str(overrides_file)]
-    command = bundle_command(configs, "run") + ["--input", str(CR), "--output_dir", str(out)]
+    command = bundle_command(configs, "run") + ["--input", str(CR), "--output_dir", str(out),
+                                                "--secondary_capture", "true"]
     result = subprocess.run(command, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True,
                             check=False,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (out / "errors.txt").read_text() == ""
-    _check_outputs(out, "RG1_UNCR")
+    _check_outputs(out, "RG1_UNCR", secondary_capture=True)

@@ -570,7 +570,7 @@ def test_dicom_outputs_stay_in_the_folder_whatever_the_file_name_and_tags(tiny_t
     written = {p for p in tmp_path.rglob("*") if p.is_file()} - before
     assert {p.parent for p in written} == {out}
     assert sorted(p.name for p in written) == sorted(
-        ["a_b_0008_0018__findings.json", "a_b_0008_0018__overlay.dcm", "a_b_0008_0018__sr.dcm", "errors.txt",
+        ["a_b_0008_0018__findings.json", "a_b_0008_0018__gsps.dcm", "a_b_0008_0018__sr.dcm", "errors.txt",
          "summary.json"]
     ), sorted(p.name for p in written)
     assert pydicom.dcmread(out / "a_b_0008_0018__sr.dcm").PatientID == "../../../../tmp/escaped"  # kept as data, not as a path

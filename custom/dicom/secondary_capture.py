@@ -11,13 +11,14 @@ from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+import highdicom as hd
 from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import SecondaryCaptureImageStorage
 
 from custom.dicom.sr import Finding
-from custom.dicom.study import new_instance, new_uid, source_reference
+from custom.dicom.study import BUNDLE_NAME, MANUFACTURER, UNVERIFIED, result_uids
 from custom.labels import CLASS_INDEX
+
+SC_SERIES_NUMBER = 9003
 
 # One colour per class (RGB), distinct on a grey radiograph; indexed by the class index.
 CLASS_COLOURS = (
@@ -88,55 +89,49 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def build_overlay_sc(
-    source: Dataset,
-    rgb: np.ndarray,
-    series_uid: str | None = None,
-    series_number: int = 9002,
-    uid_prefix: str | None = None,
-) -> Dataset:
-    """A Secondary Capture Image (RGB, 8 bits) of ``rgb`` in the source's study, in a new series.
+def build_overlay_sc(source: Dataset, rgb: np.ndarray, algorithm_version: str = "unknown",
+                     uid_prefix: str | None = None) -> hd.sc.SCImage:
+    """A Secondary Capture Image (RGB, 8 bits) of ``rgb`` in the source's study, in a new series (highdicom).
 
     Args:
-        source: the radiograph's header (StudyInstanceUID, SOPClassUID, SOPInstanceUID).
+        source: the radiograph's header (patient and study modules, UIDs, PixelSpacing when stated).
         rgb: (H, W, 3) uint8, normally :func:`render_overlay` on the source's pixel grid.
-        series_uid / series_number: the new series (UID generated when None).
-        uid_prefix: root for generated UIDs (pydicom's when None).
+        algorithm_version: the bundle version (Software Versions; part of the UIDs).
+        uid_prefix: the site's UID root (pydicom's when None).
 
     Returns:
-        The Dataset (SOP Class Secondary Capture Image Storage, Modality OT), with Source Image Sequence
-        pointing at the radiograph; ready for ``custom.dicom.study.save``.
+        A highdicom SCImage (Burned In Annotation YES), for ``custom.dicom.study.save``.
     """
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"rgb must be (H, W, 3) uint8, got {rgb.shape} {rgb.dtype}")
-    series_uid = series_uid or new_uid(uid_prefix)
-    ds = new_instance(source, SecondaryCaptureImageStorage, "OT", series_uid, series_number,
-                      "RpSal overlay (AI, unverified)", uid_prefix)
-    ds.ConversionType = "WSD"  # workstation: a derived picture made by software
-    ds.ImageType = ["DERIVED", "SECONDARY"]
-    ds.PatientOrientation = source.get("PatientOrientation", "")
-    # Laterality is type 2C (paired body parts only): copied with the body part when the source has them.
-    for keyword in ("BodyPartExamined", "Laterality"):
-        if keyword in source:
-            setattr(ds, keyword, source[keyword].value)
-    ds.BurnedInAnnotation = "YES"
-    ds.DerivationDescription = "Radiograph with AI findings (boxes, class, probability) burned in"
-    ds.SourceImageSequence = DicomSequence([source_reference(source)])
-    # Same pixel grid as the source; spacing only when the source states a real one (some write 0\\0).
-    spacings = (("PixelSpacing", "PixelSpacing"), ("ImagerPixelSpacing", "NominalScannedPixelSpacing"))
-    for source_key, key in spacings:
-        spacing = source.get(source_key)
+    series_uid, instance_uid = result_uids(source.SOPInstanceUID, algorithm_version, "sc", uid_prefix)
+    picture = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source, pixel_array=np.ascontiguousarray(rgb),
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB, bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT, series_instance_uid=series_uid,
+        series_number=SC_SERIES_NUMBER, sop_instance_uid=instance_uid, instance_number=1,
+        manufacturer=MANUFACTURER, pixel_spacing=_pixel_spacing(source),
+        patient_orientation=_patient_orientation(source),
+        series_description=f"RpSal overlay ({UNVERIFIED})", manufacturer_model_name=BUNDLE_NAME,
+        software_versions=str(algorithm_version))
+    # The one attribute highdicom's SCImage takes no argument for: the labels are burnt into the pixels, which
+    # de-identification and display software must know (General Image module, type 3).
+    picture.BurnedInAnnotation = "YES"
+    return picture
+
+
+def _pixel_spacing(source: Dataset) -> tuple[float, float] | None:
+    """The source's stated spacing (PixelSpacing, else ImagerPixelSpacing), None when absent or 0\\0."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        spacing = source.get(keyword)
         if spacing is not None and len(spacing) == 2 and all(float(v) > 0 for v in spacing):
-            setattr(ds, key, spacing)
-            break
-    ds.SamplesPerPixel = 3
-    ds.PhotometricInterpretation = "RGB"
-    ds.PlanarConfiguration = 0
-    ds.Rows, ds.Columns = int(rgb.shape[0]), int(rgb.shape[1])
-    ds.BitsAllocated = 8
-    ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    ds.LossyImageCompression = "00"
-    ds.PixelData = np.ascontiguousarray(rgb).tobytes()
-    return ds
+            return (float(spacing[0]), float(spacing[1]))
+    return None
+
+
+def _patient_orientation(source: Dataset) -> tuple[str, str]:
+    """The source's Patient Orientation (two directions), else that of a PA chest film (left, foot)."""
+    orientation = source.get("PatientOrientation")
+    if orientation is not None and len(orientation) == 2 and all(str(v) for v in orientation):
+        return (str(orientation[0]), str(orientation[1]))
+    return ("L", "F")

@@ -1,24 +1,22 @@
-"""A DICOM Comprehensive SR of the model's findings on one radiograph, in the radiograph's study.
+"""The model's findings on one radiograph as a TID 1500 Measurement Report in a Comprehensive SR (highdicom).
 
-Content tree (codes from DCM/LOINC/SNOMED via ``pydicom.sr.codedict``; the 14 disease classes in a private
-scheme ``99CXR14`` declared in the Coding Scheme Identification Sequence, code value = class index 00-13,
-meaning = the class name of ``custom.labels.CLASS_NAMES``):
+Content tree (``docs/dicom.md`` has it in full):
 
-    CONTAINER (LN 18748-4 "Diagnostic imaging report"), SEPARATE
-      HAS OBS CONTEXT  CODE    (DCM 121005 "Observer Type") = (DCM 121007 "Device")
-      HAS OBS CONTEXT  UIDREF  (DCM 121012 "Device Observer UID")
-      HAS OBS CONTEXT  TEXT    (DCM 121013 "Device Observer Name") = chestxray14_rpsal_detection
-      CONTAINS         TEXT    (DCM 111001 "Algorithm Name"), TEXT (DCM 111003 "Algorithm Version")
-      CONTAINS         IMAGE   (SCT 260753009 "Source") -> the radiograph
-      CONTAINS         CONTAINER (DCM 125007 "Measurement Group"), one per positive class:
-          CONTAINS  CODE   (DCM 121071 "Finding") = (NN, 99CXR14, class name)
-          CONTAINS  NUM    (DCM 122157 "Probability"), unit (UCUM "1" "no units"), value in [0, 1]
-          CONTAINS  SCOORD (DCM 111030 "Image Region"), POLYLINE, the box as a closed 5-point rectangle
-              SELECTED FROM  IMAGE -> the radiograph
-      CONTAINS         TEXT    (DCM 121111 "Summary"): every class's probability, in words
+    CONTAINER (DCM 126000 "Imaging Measurement Report"), TID 1500
+      HAS CONCEPT MOD  Language; HAS OBS CONTEXT  Observer Type = Device, Device Observer UID / Name ...
+      HAS CONCEPT MOD  Procedure Reported = (SCT 413815006 "Chest imaging")
+      CONTAINS  Image Library -> the radiograph
+      CONTAINS  Imaging Measurements, per positive class one Measurement Group:
+          with a box:    TID 1410 Planar ROI: Tracking Identifier + UID, Finding = the class's code,
+                         Algorithm Name / Version, Image Region = SCOORD POLYLINE (closed rectangle, the box
+                         in the SOURCE image's pixels) SELECTED FROM the radiograph,
+                         NUM Probability (DCM 122157, UCUM "1")
+          without a box: TID 1501 (no region), the same items otherwise
+          no positive class: one TID 1501 group, Finding = (DCM 111286 "No abnormality"), no measurement
 
-SCOORD coordinates are DICOM image coordinates of the SOURCE radiograph: (column, row) pairs, (0, 0) the
-top-left corner of the top-left pixel — the same convention as this project's xyxy boxes in original pixels.
+Coordinates: DICOM image coordinates of the source, (column, row), (0, 0) the top-left corner of the top-left
+pixel: the project's xyxy boxes in original pixels, unchanged. Codes: ``custom.dicom.codes``. UIDs:
+``custom.dicom.study.result_uids`` (deterministic). VerificationFlag UNVERIFIED, CompletionFlag COMPLETE.
 """
 
 from __future__ import annotations
@@ -27,18 +25,21 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
-from pydicom.uid import ComprehensiveSRStorage, generate_uid
 
-from custom.dicom.study import BUNDLE_NAME, new_instance, new_uid, source_reference
+from custom.dicom.codes import class_of_code, finding_code, private_scheme_item
+from custom.dicom.study import BUNDLE_NAME, MANUFACTURER, UNVERIFIED, result_uids
 from custom.labels import CLASS_INDEX, CLASS_NAMES
 
-CLASS_SCHEME = "99CXR14"
-CLASS_SCHEME_NAME = "NIH ChestX-ray14 labels (chestxray14_rpsal_detection)"
-# A fixed UID for this algorithm as an observer device: the same on every run and every machine.
-DEVICE_OBSERVER_UID = generate_uid(entropy_srcs=[BUNDLE_NAME, "device-observer"])
+ALGORITHM_NAME = "RpSal (Hermoza et al., MICCAI 2020)"
+# This algorithm as an observer device: the same UID on every run and machine.
+DEVICE_OBSERVER_UID = hd.UID.from_uuid("6a0f3c1e-2b7d-4c59-9e41-8d2f5a7b3c10")
+SR_SERIES_NUMBER = 9001
+# The one group of a report with no positive class (TID 1500 needs one): DCM 111286 "No abnormality".
+NO_FINDING = codes.DCM.NoAbnormality
 
 
 @dataclass(frozen=True)
@@ -67,192 +68,111 @@ class Finding:
                 raise ValueError(f"box of {self.class_name} must have x1 > x0 and y1 > y0, got {self.box}")
 
 
-def class_code(class_name: str) -> Dataset:
-    """The coded concept of a disease class in the private scheme (value = 2-digit index)."""
-    return _code(f"{CLASS_INDEX[class_name]:02d}", CLASS_SCHEME, class_name)
+def box_polyline(box: Sequence[float]) -> np.ndarray:
+    """(5, 2) closed rectangle (x, y) of an xyxy box: first point repeated last."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float64)
 
 
-def _code(value: str, scheme: str, meaning: str) -> Dataset:
-    item = Dataset()
-    item.CodeValue = value
-    item.CodingSchemeDesignator = scheme
-    item.CodeMeaning = meaning
-    return item
+def _measurement_group(finding: Finding, source: Dataset, algorithm: hd.sr.AlgorithmIdentification,
+                       tracking_uid: str):
+    probability = hd.sr.Measurement(name=codes.DCM.Probability, value=float(finding.probability),
+                                    unit=codes.UCUM.NoUnits, algorithm_id=algorithm)
+    common = {
+        "tracking_identifier": hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=f"{finding.class_name} finding"),
+        "finding_type": finding_code(finding.class_name),
+        "algorithm_id": algorithm,
+        "measurements": [probability],
+    }
+    if finding.box is None:
+        return hd.sr.MeasurementsAndQualitativeEvaluations(**common)
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=box_polyline(finding.box),
+        source_image=hd.sr.SourceImageForRegion(source.SOPClassUID, source.SOPInstanceUID))
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=region, **common)
 
 
-def _concept(code) -> DicomSequence:
-    """ConceptNameCodeSequence / ConceptCodeSequence of one pydicom ``Code``."""
-    return DicomSequence([_code(code.value, code.scheme_designator, code.meaning)])
-
-
-def _item(relationship: str | None, value_type: str, concept=None) -> Dataset:
-    item = Dataset()
-    if relationship is not None:
-        item.RelationshipType = relationship
-    item.ValueType = value_type
-    if concept is not None:
-        item.ConceptNameCodeSequence = _concept(concept)
-    return item
-
-
-def _text(relationship: str, concept, text: str) -> Dataset:
-    item = _item(relationship, "TEXT", concept)
-    item.TextValue = text
-    return item
-
-
-def _image(relationship: str, concept, source: Dataset) -> Dataset:
-    item = _item(relationship, "IMAGE", concept)
-    item.ReferencedSOPSequence = DicomSequence([source_reference(source)])
-    return item
-
-
-def _number(value: float) -> str:
-    """A DS string (at most 16 characters) of ``value``."""
-    text = f"{value:.6g}"
-    return text if len(text) <= 16 else f"{value:.8e}"[:16]
-
-
-def _finding_group(finding: Finding, source: Dataset) -> Dataset:
-    group = _item("CONTAINS", "CONTAINER", codes.DCM.MeasurementGroup)
-    group.ContinuityOfContent = "SEPARATE"
-    children = []
-    code = _item("CONTAINS", "CODE", codes.DCM.Finding)
-    code.ConceptCodeSequence = DicomSequence([class_code(finding.class_name)])
-    children.append(code)
-    num = _item("CONTAINS", "NUM", codes.DCM.Probability)
-    measured = Dataset()
-    measured.NumericValue = _number(float(finding.probability))
-    measured.FloatingPointValue = float(finding.probability)
-    measured.MeasurementUnitsCodeSequence = _concept(codes.UCUM.NoUnits)
-    num.MeasuredValueSequence = DicomSequence([measured])
-    children.append(num)
-    if finding.box is not None:
-        x0, y0, x1, y1 = (float(v) for v in finding.box)
-        region = _item("CONTAINS", "SCOORD", codes.DCM.ImageRegion)
-        region.GraphicType = "POLYLINE"
-        # A closed polyline: first point repeated last. SCOORD pairs are (column, row) = (x, y).
-        region.GraphicData = [x0, y0, x1, y0, x1, y1, x0, y1, x0, y0]
-        region.ContentSequence = DicomSequence([_image("SELECTED FROM", None, source)])
-        children.append(region)
-    group.ContentSequence = DicomSequence(children)
-    return group
-
-
-def summary_text(findings: Sequence[Finding], probabilities: Sequence[float] | None) -> str:
-    """Plain-language summary: positive classes with probability and box, then all 14 probabilities."""
-    if findings:
-        lines = ["Positive findings (model output, unverified):"]
-        for f in findings:
-            where = "no box"
-            if f.box:
-                where = "box x0 y0 x1 y1 = " + " ".join(f"{v:.1f}" for v in f.box) + " px"
-            lines.append(f"- {f.class_name}: probability {f.probability:.3f}, {where}")
-    else:
-        lines = ["No class above its decision threshold (model output, unverified)."]
-    if probabilities is not None:
-        pairs = (f"{name} {p:.3f}" for name, p in zip(CLASS_NAMES, probabilities))
-        lines.append("Probabilities: " + ", ".join(pairs))
-    return "\n".join(lines)
-
-
-def build_findings_sr(
-    source: Dataset,
-    findings: Sequence[Finding],
-    probabilities: Sequence[float] | None = None,
-    algorithm_version: str = "unknown",
-    series_uid: str | None = None,
-    series_number: int = 9001,
-    uid_prefix: str | None = None,
-) -> Dataset:
-    """A Comprehensive SR of ``findings`` on the radiograph ``source``, in its study, in a new series.
+def build_findings_sr(source: Dataset, findings: Sequence[Finding], algorithm_version: str = "unknown",
+                      uid_prefix: str | None = None) -> hd.sr.ComprehensiveSR:
+    """The TID 1500 Comprehensive SR of ``findings`` on the radiograph ``source``, in its study, in a new series.
 
     Args:
-        source: the radiograph's header (needs Study/Series/SOP Instance UIDs and SOPClassUID).
-        findings: one :class:`Finding` per positive class (each class at most once); may be empty.
-        probabilities: optional (14,) probabilities of all classes, in CLASS_NAMES order, for the summary.
-        algorithm_version: the bundle version (from metadata.json), written as Algorithm Version.
-        series_uid: the new series' UID (generated when None); series_number: its number.
-        uid_prefix: root for generated UIDs (pydicom's when None).
+        source: the radiograph's header (patient and study modules, Study/Series/SOP Instance UIDs, SOP Class).
+        findings: one :class:`Finding` per positive class (each class at most once); may be empty (the report
+            then holds one "No abnormality" group).
+        algorithm_version: the bundle version (metadata.json), written as Algorithm Version; part of the UIDs.
+        uid_prefix: the site's UID root (pydicom's when None).
 
     Returns:
-        The SR Dataset (SOP Class Comprehensive SR Storage, Modality SR), for ``custom.dicom.study.save``.
+        A highdicom ComprehensiveSR (a pydicom Dataset), for ``custom.dicom.study.save``.
     """
     names = [f.class_name for f in findings]
     if len(set(names)) != len(names):
         raise ValueError(f"each class may be reported once, got {names}")
-    if probabilities is not None and len(probabilities) != len(CLASS_NAMES):
-        raise ValueError(f"probabilities must have {len(CLASS_NAMES)} values, got {len(probabilities)}")
-    series_uid = series_uid or new_uid(uid_prefix)
-    ds = new_instance(source, ComprehensiveSRStorage, "SR", series_uid, series_number,
-                      "RpSal findings (AI, unverified)", uid_prefix)
-    ds.ReferencedPerformedProcedureStepSequence = DicomSequence()
-    ds.PerformedProcedureCodeSequence = DicomSequence()
-    ds.CompletionFlag = "COMPLETE"
-    ds.VerificationFlag = "UNVERIFIED"
-    ds.CurrentRequestedProcedureEvidenceSequence = DicomSequence([_evidence(source)])
-    scheme = Dataset()
-    scheme.CodingSchemeDesignator = CLASS_SCHEME
-    scheme.CodingSchemeName = CLASS_SCHEME_NAME
-    scheme.CodingSchemeResponsibleOrganization = BUNDLE_NAME
-    ds.CodingSchemeIdentificationSequence = DicomSequence([scheme])
-
-    ds.ValueType = "CONTAINER"
-    ds.ConceptNameCodeSequence = _concept(codes.LN.DiagnosticImagingReport)
-    ds.ContinuityOfContent = "SEPARATE"
-    observer = _item("HAS OBS CONTEXT", "CODE", codes.DCM.ObserverType)
-    observer.ConceptCodeSequence = _concept(codes.DCM.Device)
-    device_uid = _item("HAS OBS CONTEXT", "UIDREF", codes.DCM.DeviceObserverUID)
-    device_uid.UID = DEVICE_OBSERVER_UID
-    content = [
-        observer,
-        device_uid,
-        _text("HAS OBS CONTEXT", codes.DCM.DeviceObserverName, BUNDLE_NAME),
-        _text("CONTAINS", codes.DCM.AlgorithmName, "RpSal (Hermoza et al., MICCAI 2020)"),
-        _text("CONTAINS", codes.DCM.AlgorithmVersion, str(algorithm_version)),
-        _image("CONTAINS", codes.SCT.Source, source),
-        *(_finding_group(f, source) for f in findings),
-        _text("CONTAINS", codes.DCM.Summary, summary_text(findings, probabilities)),
+    version = str(algorithm_version)
+    series_uid, instance_uid = result_uids(source.SOPInstanceUID, version, "sr", uid_prefix)
+    algorithm = hd.sr.AlgorithmIdentification(name=ALGORITHM_NAME, version=version)
+    groups = [
+        _measurement_group(f, source, algorithm, tracking_uid=result_uids(
+            source.SOPInstanceUID, f"{version}/{f.class_name}", "sr", uid_prefix)[1])
+        for f in sorted(findings, key=lambda f: CLASS_INDEX[f.class_name])
     ]
-    ds.ContentSequence = DicomSequence(content)
-    return ds
+    if not groups:  # TID 1500 needs one group: a negative image reports "No abnormality" among its classes
+        groups = [hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=result_uids(source.SOPInstanceUID, f"{version}/none", "sr", uid_prefix)[1],
+                identifier="no class above its threshold"),
+            finding_type=NO_FINDING, algorithm_id=algorithm)]
+    device = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=DEVICE_OBSERVER_UID, name=BUNDLE_NAME, manufacturer_name=MANUFACTURER, model_name=BUNDLE_NAME))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=device),
+        procedure_reported=codes.SCT.ChestImaging, imaging_measurements=groups,
+        # The Image Library entry describes the image by its orientation and imager spacing; highdicom needs
+        # both, and a film digitised without them is left out of the library (the regions still reference it).
+        referenced_images=[source] if _library_describable(source) else None)
+    return hd.sr.ComprehensiveSR(
+        evidence=[source], content=report[0], series_instance_uid=series_uid, series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=instance_uid, instance_number=1, manufacturer=MANUFACTURER,
+        is_complete=True, is_final=False, is_verified=False,
+        series_description=f"RpSal findings ({UNVERIFIED})", coding_schemes=[private_scheme_item()],
+        manufacturer_model_name=BUNDLE_NAME, software_versions=version)
 
 
-def _evidence(source: Dataset) -> Dataset:
-    """One study's item of the Current Requested Procedure Evidence Sequence: the source image."""
-    series = Dataset()
-    series.SeriesInstanceUID = source.SeriesInstanceUID
-    series.ReferencedSOPSequence = DicomSequence([source_reference(source)])
-    study = Dataset()
-    study.StudyInstanceUID = source.StudyInstanceUID
-    study.ReferencedSeriesSequence = DicomSequence([series])
-    return study
+def _library_describable(source: Dataset) -> bool:
+    orientation, spacing = source.get("PatientOrientation"), source.get("ImagerPixelSpacing")
+    return (orientation is not None and len(orientation) == 2 and all(str(v) for v in orientation)
+            and spacing is not None and len(spacing) == 2)
 
 
-def read_findings_sr(ds: Dataset) -> list[Finding]:
-    """The findings of an SR written by :func:`build_findings_sr` (class, probability, box), in order.
+def read_findings_sr(sr: Dataset) -> list[Finding]:
+    """The findings of an SR written by :func:`build_findings_sr`, parsed by highdicom, in class order.
 
-    Raises ValueError when the dataset is not such an SR (wrong SOP class, unknown class code).
+    Raises ValueError when the dataset is not such an SR (not TID 1500, a group without probability, an
+    unknown finding code).
     """
-    if str(ds.SOPClassUID) != ComprehensiveSRStorage:
-        raise ValueError(f"not a Comprehensive SR (SOP Class {ds.SOPClassUID})")
+    if not (isinstance(sr, hd.sr.ComprehensiveSR) and isinstance(sr.content, hd.sr.MeasurementReport)):
+        sr = hd.sr.ComprehensiveSR.from_dataset(sr, copy=True)  # parses the content tree as a template
+    if sr.ContentTemplateSequence[0].TemplateIdentifier != "1500":
+        raise ValueError("not a TID 1500 Measurement Report")
+    report = sr.content
+    groups = [*report.get_planar_roi_measurement_groups(), *report.get_image_measurement_groups()]
     findings = []
-    for group in ds.ContentSequence:
-        if group.ValueType != "CONTAINER":
+    for group in groups:
+        finding_type = group.finding_type
+        if (finding_type.value, finding_type.scheme_designator) == (NO_FINDING.value, NO_FINDING.scheme_designator):
             continue
-        name, probability, box = None, None, None
-        for child in group.ContentSequence:
-            concept = child.ConceptNameCodeSequence[0].CodeValue
-            if child.ValueType == "CODE" and concept == codes.DCM.Finding.value:
-                code = child.ConceptCodeSequence[0]
-                if code.CodingSchemeDesignator != CLASS_SCHEME:
-                    raise ValueError(f"finding coded in {code.CodingSchemeDesignator}, not {CLASS_SCHEME}")
-                name = CLASS_NAMES[int(code.CodeValue)]
-            elif child.ValueType == "NUM" and concept == codes.DCM.Probability.value:
-                probability = float(child.MeasuredValueSequence[0].NumericValue)
-            elif child.ValueType == "SCOORD" and concept == codes.DCM.ImageRegion.value:
-                points = [float(v) for v in child.GraphicData]
-                xs, ys = points[0::2], points[1::2]
-                box = (min(xs), min(ys), max(xs), max(ys))
-        findings.append(Finding(name, probability, box))
-    return findings
+        class_name = class_of_code(finding_type.value, finding_type.scheme_designator)
+        probabilities = group.get_measurements(name=codes.DCM.Probability)
+        if len(probabilities) != 1:
+            raise ValueError(f"the {class_name} group has {len(probabilities)} probabilities, expected 1")
+        box = None
+        roi = getattr(group, "roi", None)
+        if roi is not None:
+            points = np.asarray(roi.value, dtype=np.float64).reshape(-1, 2)
+            box = (float(points[:, 0].min()), float(points[:, 1].min()),
+                   float(points[:, 0].max()), float(points[:, 1].max()))
+        findings.append(Finding(class_name, float(probabilities[0].value), box))
+    return sorted(findings, key=lambda f: CLASS_INDEX[f.class_name])

@@ -1,49 +1,25 @@
-"""Header plumbing shared by the DICOM objects this bundle writes: the source radiograph's patient and study
-modules, new series and instance UIDs, and safe output file names.
+"""The source radiograph (checked, read) and the UIDs of the results written about it.
 
-Every object written here belongs to the SAME study as the radiograph it describes (same Study Instance UID,
-Patient ID, Accession Number; the patient and study attributes are copied verbatim) and to a NEW series with
-new Series and SOP Instance UIDs, so PACS files it next to the image it reports on.
+Every result belongs to the SAME study as the radiograph it describes (highdicom copies the patient and study
+modules from the source) and to a NEW series, with UIDs derived from the source (``result_uids``), so a PACS
+files it next to the image it reports on and a re-run adds nothing.
 """
 
 from __future__ import annotations
 
-import datetime
 import os
 from pathlib import Path
 
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 
 from custom.transforms.grey_image import GreyImage, ImageLoadError, read_grey_image, read_image_size
 
 BUNDLE_NAME = "chestxray14_rpsal_detection"
 MANUFACTURER = "chestxray14_rpsal_detection (research use only)"
-
-# Patient and General Study attributes copied from the source (type 2 ones are written empty when absent).
-PATIENT_STUDY_TYPE2 = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-)
-PATIENT_STUDY_OPTIONAL = (
-    "IssuerOfPatientID",
-    "OtherPatientIDsSequence",
-    "PatientAge",
-    "PatientWeight",
-    "PatientSize",
-    "StudyDescription",
-    "IssuerOfAccessionNumberSequence",
-    "PatientIdentityRemoved",
-    "DeidentificationMethod",
-)
+# Series descriptions say what the objects are: unverified AI output.
+UNVERIFIED = "AI output, unverified"
 
 
 class DicomSourceError(ImageLoadError):
@@ -101,62 +77,27 @@ def read_source(path: str | os.PathLike) -> tuple[Dataset, GreyImage]:
     return header, grey
 
 
-def new_instance(source: Dataset, sop_class_uid: str, modality: str, series_uid: str, series_number: int,
-                 series_description: str, uid_prefix: str | None = None) -> Dataset:
-    """A new dataset in the source's study: patient/study modules copied, new series, new SOP instance.
+RESULT_KINDS = ("sr", "gsps", "sc")
+
+
+def result_uids(source_sop_instance_uid: str, version: str, kind: str,
+                uid_prefix: str | None = None) -> tuple[str, str]:
+    """(Series Instance UID, SOP Instance UID) of one result object, the same on every run.
+
+    Derived from (source SOP Instance UID, bundle version, object kind) under ``uid_prefix`` (a site's
+    registered root ending in "."; pydicom's root when None), so a re-run, a restarted node or a second node
+    writes the same UIDs and a PACS keeps one copy; a new bundle version writes new objects beside the old.
 
     Args:
-        source: the radiograph's header (pydicom Dataset).
-        sop_class_uid: SOP Class of the new object (e.g. Comprehensive SR, Secondary Capture).
-        modality: the new series' Modality ('SR', 'OT').
-        series_uid / series_number / series_description: the new series.
-        uid_prefix: root for the new SOP Instance UID (pydicom's when None).
-
-    Returns:
-        A Dataset with file meta (Explicit VR Little Endian), SOP Common, Patient, General Study, series and
-        General Equipment attributes, and the content date and time (now, local).
+        kind: one of ``RESULT_KINDS`` ("sr", "gsps", "sc").
     """
-    now = datetime.datetime.now()
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class_uid
-    ds.file_meta.MediaStorageSOPInstanceUID = new_uid(uid_prefix)
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    if "SpecificCharacterSet" in source:  # copied names must keep their encoding
-        ds.SpecificCharacterSet = source.SpecificCharacterSet
-    ds.SOPClassUID = sop_class_uid
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.InstanceCreationDate = now.strftime("%Y%m%d")
-    ds.InstanceCreationTime = now.strftime("%H%M%S")
-    for keyword in PATIENT_STUDY_TYPE2:
-        setattr(ds, keyword, source.get(keyword, ""))
-    for keyword in PATIENT_STUDY_OPTIONAL:
-        if keyword in source:
-            setattr(ds, keyword, source[keyword].value)
-    ds.StudyInstanceUID = source.StudyInstanceUID
-    ds.Modality = modality
-    ds.SeriesInstanceUID = series_uid
-    ds.SeriesNumber = series_number
-    ds.SeriesDescription = series_description
-    ds.Manufacturer = MANUFACTURER
-    ds.ManufacturerModelName = BUNDLE_NAME
-    ds.ContentDate = ds.InstanceCreationDate
-    ds.ContentTime = ds.InstanceCreationTime
-    ds.InstanceNumber = 1
-    return ds
-
-
-def new_uid(uid_prefix: str | None = None) -> str:
-    """A fresh UID under ``uid_prefix`` (a registered root ending in "."), else under pydicom's root."""
-    return generate_uid(prefix=uid_prefix) if uid_prefix else generate_uid()
-
-
-def source_reference(source: Dataset) -> Dataset:
-    """(ReferencedSOPClassUID, ReferencedSOPInstanceUID) item pointing at the source image."""
-    item = Dataset()
-    item.ReferencedSOPClassUID = source.SOPClassUID
-    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    return item
+    if kind not in RESULT_KINDS:
+        raise ValueError(f"kind must be one of {RESULT_KINDS}, got {kind!r}")
+    if not str(source_sop_instance_uid).strip():
+        raise ValueError("the source has no SOP Instance UID to derive result UIDs from")
+    sources = [BUNDLE_NAME, str(source_sop_instance_uid), str(version), kind]
+    return (generate_uid(prefix=uid_prefix or PYDICOM_ROOT_UID, entropy_srcs=[*sources, "series"]),
+            generate_uid(prefix=uid_prefix or PYDICOM_ROOT_UID, entropy_srcs=[*sources, "instance"]))
 
 
 def save(ds: Dataset, path: Path) -> Path:

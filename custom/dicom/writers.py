@@ -4,10 +4,12 @@
   DICOM projection radiograph with its study UIDs (CT, MR, SR, multi-frame, a PNG ...) before the model runs;
   the evaluator lists it in errors.txt and goes on.
 - ``DicomResultsWriter``: a writer (Ignite handler, as ``custom.inference.writers``) that turns each image's
-  findings document into ``<name>_sr.dcm`` (Comprehensive SR, ``custom.dicom.sr``) and ``<name>_overlay.dcm``
-  (Secondary Capture with the boxes burnt in, ``custom.dicom.secondary_capture``), both in the radiograph's
-  study (same Study Instance UID, Patient ID, Accession Number) in two new series with new UIDs. ``<name>``
-  comes from the input FILE name (``custom.inference.inputs.safe_stem``), never from DICOM tag values.
+  findings document into ``<name>_sr.dcm`` (TID 1500 Comprehensive SR, ``custom.dicom.sr``),
+  ``<name>_gsps.dcm`` (the boxes over the original image, ``custom.dicom.presentation_state``) and, as an
+  option, ``<name>_overlay.dcm`` (Secondary Capture with the boxes burnt in), all in the radiograph's study in
+  new series with UIDs derived from the source (a re-run writes the same UIDs). ``<name>`` comes from the
+  input FILE name (``custom.inference.inputs.safe_stem``), never from DICOM tag values.
+- ``results_for_document``: the same objects in memory, for the DICOM node.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ from ignite.engine import Engine
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
+from pydicom.dataset import Dataset
+
+from custom.dicom.presentation_state import build_findings_gsps
 from custom.dicom.secondary_capture import build_overlay_sc, render_overlay
 from custom.dicom.sr import Finding, build_findings_sr
-from custom.dicom.study import check_source, new_uid, read_source, save
+from custom.dicom.study import check_source, read_source, save
 from custom.inference.writers import ItemWriter, output_path
 from custom.labels import CLASS_INDEX, CLASS_NAMES
 
@@ -61,33 +66,52 @@ class RequireDicomSourced(MapTransform):
         return data
 
 
+def results_for_document(document: Mapping, version: str, uid_prefix: str | None = None,
+                         secondary_capture: bool = False, source: tuple | None = None) -> dict[str, Dataset]:
+    """The DICOM results of one findings document: {"sr": SR, "gsps": GSPS[, "sc": Secondary Capture]}.
+
+    Args:
+        document: the findings document of a DICOM radiograph (its ``image`` is the DICOM file).
+        version: the bundle version (Algorithm Version; part of the deterministic UIDs).
+        uid_prefix: the site's UID root (pydicom's when None).
+        secondary_capture: also the picture with the boxes burnt in.
+        source: (header, grey) of ``document["image"]`` when already read (``custom.dicom.study.read_source``).
+    """
+    header, grey = source or read_source(document["image"])
+    if list(grey.original_size) != list(document["original_size"]):
+        raise RuntimeError(f"{document['image']}: preprocessing read {document['original_size']}, "
+                           f"the DICOM is {list(grey.original_size)}")
+    findings, _ = findings_from_document(document)
+    results = {"sr": build_findings_sr(header, findings, version, uid_prefix),
+               "gsps": build_findings_gsps(header, findings, version, uid_prefix)}
+    if secondary_capture:
+        results["sc"] = build_overlay_sc(header, render_overlay(grey.array, findings), version, uid_prefix)
+    return results
+
+
 class DicomResultsWriter(ItemWriter):
-    """``<name>_sr.dcm`` and ``<name>_overlay.dcm`` per image, into the radiograph's study.
+    """``<name>_sr.dcm`` and ``<name>_gsps.dcm`` (and ``<name>_overlay.dcm``) per image, into its study.
 
     Args:
         output_dir: the run's folder.
-        version: the bundle version, written as the SR's Algorithm Version.
-        uid_prefix: UID root of the new series and instances (pydicom's when None); a site sets its own.
+        version: the bundle version, written as the SR's Algorithm Version; part of the result UIDs.
+        uid_prefix: UID root of the results (pydicom's when None); a site sets its own registered root.
+        secondary_capture: also write the burnt-in Secondary Capture.
     """
 
+    SUFFIXES = {"sr": "_sr.dcm", "gsps": "_gsps.dcm", "sc": "_overlay.dcm"}
+    FILE_KEYS = {"sr": "sr", "gsps": "presentation_state", "sc": "overlay_dicom"}
+
     def __init__(self, output_dir: str | os.PathLike, version: str = "unknown", uid_prefix: str | None = None,
-                 findings_key: str = "findings") -> None:
+                 secondary_capture: bool = False, findings_key: str = "findings") -> None:
         super().__init__(output_dir, findings_key)
         self.version = str(version)
         self.uid_prefix = uid_prefix
+        self.secondary_capture = bool(secondary_capture)
 
     def write(self, item: dict, output: dict, engine: Engine) -> None:
         document = output[self.findings_key]
-        header, grey = read_source(document["image"])
-        if list(grey.original_size) != document["original_size"]:
-            raise RuntimeError(f"{document['image']}: preprocessing read {document['original_size']}, "
-                               f"the DICOM is {list(grey.original_size)}")
-        findings, probabilities = findings_from_document(document)
-        sr = build_findings_sr(header, findings, probabilities, self.version,
-                               series_uid=new_uid(self.uid_prefix), uid_prefix=self.uid_prefix)
-        overlay = build_overlay_sc(header, render_overlay(grey.array, findings),
-                                   series_uid=new_uid(self.uid_prefix), uid_prefix=self.uid_prefix)
-        sr_path = save(sr, output_path(self.output_dir, item["output_name"], "_sr.dcm"))
-        overlay_path = save(overlay, output_path(self.output_dir, item["output_name"], "_overlay.dcm"))
-        document["files"]["sr"] = sr_path.name
-        document["files"]["overlay_dicom"] = overlay_path.name
+        results = results_for_document(document, self.version, self.uid_prefix, self.secondary_capture)
+        for kind, dataset in results.items():
+            path = save(dataset, output_path(self.output_dir, item["output_name"], self.SUFFIXES[kind]))
+            document["files"][self.FILE_KEYS[kind]] = path.name
