@@ -5,6 +5,7 @@ Usage::
 
     python scripts/pacs.py start --folder runs/pacs      # prints the DICOMweb URL and the DICOM port; runs
                                                          # until Ctrl-C
+    python scripts/pacs.py start --folder runs/pacs --http_port 8042 --dicom_port 4242 --node_port 11112
 
 From Python (tests): ``with Orthanc(folder) as pacs: pacs.dicomweb_url, pacs.dicom_port``. HTTP answers only
 127.0.0.1 (``RemoteAccessAllowed: false``); C-STORE is accepted only from the modalities the config lists
@@ -55,9 +56,10 @@ class Orthanc:
     ``aet`` (its AE title), ``node_port`` (the port the config lists for the ``RPSAL`` node).
     """
 
-    def __init__(self, folder: str | Path, node_port: int | None = None, timeout: float = 60.0) -> None:
+    def __init__(self, folder: str | Path, node_port: int | None = None, timeout: float = 60.0,
+                 http_port: int | None = None, dicom_port: int | None = None) -> None:
         self.folder = Path(folder)
-        self.http_port, self.dicom_port = free_port(), free_port()
+        self.http_port, self.dicom_port = http_port or free_port(), dicom_port or free_port()
         self.node_port = node_port or free_port()
         self.timeout = timeout
         self.process: subprocess.Popen | None = None
@@ -114,9 +116,10 @@ class Orthanc:
         self.stop()
 
 
-def start(folder: str = "runs/pacs") -> None:
-    """Run Orthanc until Ctrl-C; prints where it listens."""
-    with Orthanc(folder) as pacs:
+def start(folder: str = "runs/pacs", http_port: int | None = None, dicom_port: int | None = None,
+          node_port: int | None = None) -> None:
+    """Run Orthanc until Ctrl-C; prints where it listens (free ports unless given, e.g. 8042, 4242, 11112)."""
+    with Orthanc(folder, node_port=node_port, http_port=http_port, dicom_port=dicom_port) as pacs:
         print(f"Orthanc: REST {pacs.http_url}, DICOMweb {pacs.dicomweb_url}, DICOM {pacs.aet}@127.0.0.1:"
               f"{pacs.dicom_port}; node RPSAL expected at 127.0.0.1:{pacs.node_port}; storage {pacs.folder}",
               flush=True)

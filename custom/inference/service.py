@@ -29,6 +29,7 @@ class FindingsService:
         self.inferer = inferer
         self.postprocessing = postprocessing
         self.device = torch.device(device) if device is not None else next(network.parameters()).device
+        self.parser = None
 
     @classmethod
     def from_config(cls, config_files: str | Sequence[str], overrides: Mapping | None = None) -> "FindingsService":
@@ -42,8 +43,10 @@ class FindingsService:
         device = parser.get_parsed_content("device")
         network = parser.get_parsed_content("network")
         load_checkpoint(network, parser.get_parsed_content("checkpoint"), device)
-        return cls(parser.get_parsed_content("preprocessing"), network, parser.get_parsed_content("inferer"),
-                   parser.get_parsed_content("postprocessing"), device)
+        service = cls(parser.get_parsed_content("preprocessing"), network, parser.get_parsed_content("inferer"),
+                      parser.get_parsed_content("postprocessing"), device)
+        service.parser = parser  # the rest of the config (version, DICOM settings) for the service's user
+        return service
 
     def process(self, image: str | os.PathLike | Mapping) -> dict:
         """The whole data dict of one image after postprocessing (``findings``, ``maps``, ``probabilities`` ...).
