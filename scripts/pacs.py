@@ -118,7 +118,10 @@ class Orthanc:
 
 def start(folder: str = "runs/pacs", http_port: int | None = None, dicom_port: int | None = None,
           node_port: int | None = None) -> None:
-    """Run Orthanc until Ctrl-C; prints where it listens (free ports unless given, e.g. 8042, 4242, 11112)."""
+    """Run Orthanc until Ctrl-C or SIGTERM; prints where it listens (free ports unless given, e.g. 8042, 4242,
+    11112)."""
+    # Orthanc runs in its own session (so that Ctrl-C reaches it once, through us): SIGTERM must stop it too.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     with Orthanc(folder, node_port=node_port, http_port=http_port, dicom_port=dicom_port) as pacs:
         print(f"Orthanc: REST {pacs.http_url}, DICOMweb {pacs.dicomweb_url}, DICOM {pacs.aet}@127.0.0.1:"
               f"{pacs.dicom_port}; node RPSAL expected at 127.0.0.1:{pacs.node_port}; storage {pacs.folder}",
@@ -126,7 +129,7 @@ def start(folder: str = "runs/pacs", http_port: int | None = None, dicom_port: i
         try:
             while pacs.process.poll() is None:
                 time.sleep(1)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemExit):
             pass
 
 
