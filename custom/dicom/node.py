@@ -97,13 +97,12 @@ class DicomNode:
             reason = "no SOP Instance UID"
             LOGGER.warning("refused an object of SOP class %s: %s", dataset.get("SOPClassUID", "?"), reason)
             return STATUS_REFUSED, reason
-        known = self.queue.known(uid)
-        if known == REFUSED:
-            reason = next(i.reason for i in self.queue.items(REFUSED) if i.sop_instance_uid == uid)
-            LOGGER.info("refused %s again: %s", uid, reason)
-            return STATUS_REFUSED, reason
+        known = self.queue.item(uid)
+        if known is not None and known.state == REFUSED:
+            LOGGER.info("refused %s again: %s", uid, known.reason)
+            return STATUS_REFUSED, known.reason
         if known is not None:
-            LOGGER.info("%s already %s under version %s: nothing to do", uid, known, self.version)
+            LOGGER.info("%s already %s under version %s: nothing to do", uid, known.state, self.version)
             return STATUS_SUCCESS, ""
         try:
             path = self.queue.stage(dataset)
@@ -133,7 +132,7 @@ class DicomNode:
         were queued. An instance that cannot be retrieved now is tried again at the next pull."""
         queued = 0
         for study, series, sop in source.find(since, accession_number):
-            if self.queue.known(sop) is not None:
+            if self.queue.item(sop) is not None:
                 continue
             try:
                 dataset = source.retrieve(study, series, sop)

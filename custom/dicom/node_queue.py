@@ -53,6 +53,9 @@ CREATE TABLE IF NOT EXISTS items (
 """
 
 
+COLUMNS = "sop_instance_uid, version, state, study_instance_uid, reason, attempts, next_attempt, results"
+
+
 @dataclass(frozen=True)
 class Item:
     """One ledger row."""
@@ -112,17 +115,17 @@ class NodeQueue:
 
     # --- receiving ---------------------------------------------------------------------------------------
 
-    def known(self, sop_instance_uid: str) -> str | None:
-        """The state of (SOP Instance UID, this version), None when never seen."""
+    def item(self, sop_instance_uid: str) -> Item | None:
+        """The row of (SOP Instance UID, this version), None when never seen."""
         with self._connect() as db:
-            row = db.execute("SELECT state FROM items WHERE sop_instance_uid=? AND version=?",
+            row = db.execute(f"SELECT {COLUMNS} FROM items WHERE sop_instance_uid=? AND version=?",
                              (sop_instance_uid, self.version)).fetchone()
-        return row[0] if row else None
+        return Item(*row) if row else None
 
     def put_file(self, path: Path, sop_instance_uid: str, study_instance_uid: str = "") -> bool:
         """Queue a checked radiograph already written (and fsynced) at ``path`` in tmp/; False when the
         (SOP Instance UID, version) is already known (the file is then deleted): a re-sent image adds nothing."""
-        if self.known(sop_instance_uid) is not None:
+        if self.item(sop_instance_uid) is not None:
             path.unlink(missing_ok=True)
             return False
         target = self.incoming / f"{item_key(sop_instance_uid, self.version)}.dcm"
@@ -162,20 +165,24 @@ class NodeQueue:
     # --- working -----------------------------------------------------------------------------------------
 
     def recover(self) -> int:
-        """At start: empty tmp/, queue incoming files whose row was never written; returns how many."""
+        """At start: empty tmp/, remove the files of finished items (a kill between the row and the clean-up),
+        and queue incoming files whose row was never written; returns how many were queued."""
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
-        recovered = 0
         with self._connect() as db:
-            keys = {item_key(uid, self.version): state for uid, state in
-                    db.execute("SELECT sop_instance_uid, state FROM items WHERE version=?", (self.version,))}
+            states = {item_key(uid, self.version): (uid, state) for uid, state in
+                      db.execute("SELECT sop_instance_uid, state FROM items WHERE version=?", (self.version,))}
+        for uid, state in states.values():
+            if state in (SENT, REFUSED):
+                self._remove_files(uid)
+        recovered = 0
         for path in sorted(self.incoming.glob("*.dcm")):
-            if path.stem in keys:
+            if path.stem in states:
                 continue
             try:
                 header = pydicom.dcmread(path, stop_before_pixels=True)
                 uid = str(header.SOPInstanceUID)
-            except Exception:  # a file that cannot be read back cannot be keyed: drop it (it was never acknowledged)
+            except Exception:  # a file that cannot be read back cannot be keyed: drop it (never acknowledged)
                 path.unlink(missing_ok=True)
                 continue
             now = time.time()
@@ -188,8 +195,7 @@ class NodeQueue:
 
     def items(self, state: str | None = None) -> list[Item]:
         """Ledger rows of this version (in a state), oldest first."""
-        query = ("SELECT sop_instance_uid, version, state, study_instance_uid, reason, attempts, next_attempt, "
-                 "results FROM items WHERE version=?")
+        query = f"SELECT {COLUMNS} FROM items WHERE version=?"
         parameters: tuple = (self.version,)
         if state is not None:
             query += " AND state=?"
