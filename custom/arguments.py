@@ -38,5 +38,5 @@ def overrides_mapping(overrides: Mapping | str | os.PathLike | None) -> dict:
         raise FileNotFoundError(f"{path}: overrides file not found")
     content = yaml.safe_load(path.read_text(encoding="utf-8"))
     if not isinstance(content, dict):
-        raise TypeError(f"{path}: overrides must be a mapping of config id -> value")
+        raise TypeError(f"{path}: overrides must be a mapping of config id -> value, got {type(content).__name__}")
     return content

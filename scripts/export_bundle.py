@@ -40,9 +40,12 @@ import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
-import yaml
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as scripts/export_bundle.py: the repository's custom package
+    sys.path.insert(0, str(REPO_ROOT))
+
+from custom.arguments import overrides_mapping  # noqa: E402
+
 BUNDLE_NAME = "chestxray14_rpsal_detection"
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json", ".conf")
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", ".*")
@@ -53,19 +56,11 @@ class ExportError(RuntimeError):
 
 
 def _read_overrides(overrides) -> dict:
-    """Overrides as a dict: a dict as is, or the top-level mapping of a YAML/JSON file; None -> {}."""
-    if overrides is None:
-        return {}
-    if isinstance(overrides, Mapping):
-        return dict(overrides)
-    path = Path(str(overrides))
-    if not path.is_file():
-        raise ExportError(f"{path}: overrides file not found")
-    content = yaml.safe_load(path.read_text(encoding="utf-8"))
-    if not isinstance(content, Mapping):
-        raise ExportError(f"{path}: overrides must be a mapping of config id -> value, "
-                          f"got {type(content).__name__}")
-    return dict(content)
+    """Overrides as a dict (``custom.arguments.overrides_mapping``); its errors as ExportError."""
+    try:
+        return overrides_mapping(overrides)
+    except (FileNotFoundError, TypeError) as error:
+        raise ExportError(str(error)) from error
 
 
 def exported_config(path: Path, overrides: Mapping | None = None) -> dict:
@@ -188,8 +183,6 @@ def export_deployment(bundle: Path, pt2: bool, onnx: bool) -> list[Path]:
     """Write ``models/model.pt2`` (torch.export) and/or ``models/model.onnx`` from the exported bundle's own
     inference config, checkpoint and thresholds file: the normalised image batch -> the 14 probabilities and
     the Sal / Det / Mix maps, batch size dynamic (``custom.deployment.exported_model``)."""
-    if str(REPO_ROOT) not in sys.path:  # run as scripts/export_bundle.py: the repository's custom package
-        sys.path.insert(0, str(REPO_ROOT))
     from custom.deployment.exported_model import RpSalMapsModel, export_onnx, export_pt2, load_network
 
     if not (bundle / "models" / "model.pt").is_file():

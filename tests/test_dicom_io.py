@@ -285,7 +285,7 @@ def test_bundle_dicom_config_runs_with_monai_bundle(tmp_path, overrides_file):
     out = tmp_path / "out"
     configs = ["bundle/configs/inference.yaml", "bundle/configs/inference_dicom.yaml", str(overrides_file)]
     command = bundle_command(configs, "run") + ["--input", str(CR), "--output_dir", str(out),
-                                                "--secondary_capture", "true"]
+                                                "--secondary_capture", "True"]
     result = subprocess.run(command, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True,
                             check=False,
                             timeout=600)

@@ -20,9 +20,9 @@ from collections.abc import Hashable, Mapping
 from ignite.engine import Engine
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
-
 from pydicom.dataset import Dataset
 
+from custom.arguments import require_booleans
 from custom.dicom.presentation_state import build_findings_gsps
 from custom.dicom.secondary_capture import build_overlay_sc, render_overlay
 from custom.dicom.sr import Finding, build_findings_sr
@@ -31,13 +31,9 @@ from custom.inference.writers import ItemWriter, output_path
 from custom.labels import CLASS_INDEX, CLASS_NAMES
 
 
-def findings_from_document(document: Mapping) -> tuple[list[Finding], list[float]]:
-    """The SR's findings and the 14 probabilities from one findings document.
-
-    Returns:
-        (findings, probabilities): one Finding per positive class in CLASS_NAMES order (box None for a positive
-        class whose map gave no box); probabilities (14,) in CLASS_NAMES order.
-    """
+def findings_from_document(document: Mapping) -> list[Finding]:
+    """The SR's findings from one findings document: one Finding per positive class in CLASS_NAMES order (box
+    None for a positive class whose map gave no box). ValueError when a class's probability is missing."""
     probabilities = document["probabilities"]
     missing = [name for name in CLASS_NAMES if name not in probabilities]
     if missing:
@@ -46,7 +42,7 @@ def findings_from_document(document: Mapping) -> tuple[list[Finding], list[float
                 for f in document.get("findings", [])]
     findings += [Finding(name, float(probabilities[name]), None) for name in document.get("positive_without_box", [])]
     findings.sort(key=lambda finding: CLASS_INDEX[finding.class_name])
-    return findings, [float(probabilities[name]) for name in CLASS_NAMES]
+    return findings
 
 
 class RequireDicomSourced(MapTransform):
@@ -67,7 +63,7 @@ class RequireDicomSourced(MapTransform):
 
 
 def results_for_document(document: Mapping, version: str, uid_prefix: str | None = None,
-                         secondary_capture: bool = False, source: tuple | None = None) -> dict[str, Dataset]:
+                         secondary_capture: bool = False) -> dict[str, Dataset]:
     """The DICOM results of one findings document: {"sr": SR, "gsps": GSPS[, "sc": Secondary Capture]}.
 
     Args:
@@ -75,13 +71,12 @@ def results_for_document(document: Mapping, version: str, uid_prefix: str | None
         version: the bundle version (Algorithm Version; part of the deterministic UIDs).
         uid_prefix: the site's UID root (pydicom's when None).
         secondary_capture: also the picture with the boxes burnt in.
-        source: (header, grey) of ``document["image"]`` when already read (``custom.dicom.study.read_source``).
     """
-    header, grey = source or read_source(document["image"])
+    header, grey = read_source(document["image"])
     if list(grey.original_size) != list(document["original_size"]):
         raise RuntimeError(f"{document['image']}: preprocessing read {document['original_size']}, "
                            f"the DICOM is {list(grey.original_size)}")
-    findings, _ = findings_from_document(document)
+    findings = findings_from_document(document)
     results = {"sr": build_findings_sr(header, findings, version, uid_prefix),
                "gsps": build_findings_gsps(header, findings, version, uid_prefix)}
     if secondary_capture:
@@ -104,10 +99,11 @@ class DicomResultsWriter(ItemWriter):
 
     def __init__(self, output_dir: str | os.PathLike, version: str = "unknown", uid_prefix: str | None = None,
                  secondary_capture: bool = False, findings_key: str = "findings") -> None:
+        require_booleans(secondary_capture=secondary_capture)
         super().__init__(output_dir, findings_key)
         self.version = str(version)
         self.uid_prefix = uid_prefix
-        self.secondary_capture = bool(secondary_capture)
+        self.secondary_capture = secondary_capture
 
     def write(self, item: dict, output: dict, engine: Engine) -> None:
         document = output[self.findings_key]
