@@ -31,6 +31,7 @@ import pytest
 import yaml
 from conftest import REPO_ROOT, subprocess_env
 from pydicom.data import get_testdata_file
+from pydicom.uid import JPEG2000Lossless
 from test_dicom_io import TINY_OVERRIDES
 
 from custom.dicom import read_findings_sr
@@ -304,6 +305,10 @@ def test_listen_mode_faults_sigkill_and_restart(orthanc, overrides, tmp_path):
             assert f"refused {dataset.SOPInstanceUID}" in log
         assert "is not a projection radiograph" in log
         assert _echo(orthanc.node_port)
+        # A compressed transfer syntax over the wire: the real CR as JPEG 2000 lossless is accepted and queued.
+        j2k = pydicom.dcmread(get_testdata_file("RG1_J2KR.dcm"))
+        assert j2k.file_meta.TransferSyntaxUID == JPEG2000Lossless
+        assert [int(s.Status) for s in _store(orthanc.node_port, "RPSAL", [j2k])] == [0]
 
         # Routing from the PACS; SIGKILL once the first result is sent while others wait.
         images = _wrapped("listen", 6)
@@ -324,7 +329,7 @@ def test_listen_mode_faults_sigkill_and_restart(orthanc, overrides, tmp_path):
     node = _start_node(work, orthanc, overrides_path)
     try:
         deadline = time.monotonic() + 120
-        while _ledger(work).get(SENT, 0) < len(images):
+        while _ledger(work).get(SENT, 0) < len(images) + 1:
             assert time.monotonic() < deadline and node.poll() is None, f"not all sent: {_ledger(work)}"
             time.sleep(0.2)
         _route(orthanc, images[:2])  # routed again: acknowledged, nothing new
@@ -332,7 +337,7 @@ def test_listen_mode_faults_sigkill_and_restart(orthanc, overrides, tmp_path):
     finally:
         node.send_signal(signal.SIGTERM)
         assert node.wait(timeout=60) == 0
-    assert _ledger(work) == {SENT: len(images), REFUSED: len(faulty)}
+    assert _ledger(work) == {SENT: len(images) + 1, REFUSED: len(faulty)}  # + the JPEG 2000 CR
     client = DICOMwebClient(orthanc.dicomweb_url)
     for image in images:
         found = _in_study(client, image.StudyInstanceUID)
@@ -340,5 +345,5 @@ def test_listen_mode_faults_sigkill_and_restart(orthanc, overrides, tmp_path):
     assert not list((work / "incoming").iterdir()) and not list((work / "outbox").iterdir())
     status = subprocess.run([sys.executable, "scripts/dicom_node.py", "status", "--work_dir", str(work)],
                             cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=60)
-    assert status.returncode == 0 and f"sent {len(images)}" in status.stdout and "CT Image Storage" in status.stdout
+    assert status.returncode == 0 and f"sent {len(images) + 1}" in status.stdout and "CT Image Storage" in status.stdout
     assert os.path.getsize(work / "node.log") > 0
