@@ -65,6 +65,7 @@ def _serve(node, server=None, pull=None, interval: float = 30.0) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    node.recover()  # before the SCP receives: recovery empties tmp/, where received images are staged
     if server is not None:
         server.start()
     try:
@@ -72,6 +73,7 @@ def _serve(node, server=None, pull=None, interval: float = 30.0) -> None:
     finally:
         if server is not None:
             server.stop()
+        node.queue.close()
 
 
 def listen(work_dir: str, destination: str, port: int = 11112, host: str = "127.0.0.1", ae_title: str = "RPSAL",
@@ -93,28 +95,31 @@ def pull(work_dir: str, source: str, destination: str | None = None, since: str 
          retry_first: float = 5.0, retry_longest: float = 600.0) -> None:
     """Pull mode: QIDO-RS + WADO-RS from source (a DICOMweb root), results to destination (default: source).
 
-    ``--once``: one query, then process and send what it found and exit (status 1 when something is left
-    unsent or was refused); otherwise poll every ``interval`` seconds until stopped.
+    ``--once``: one query, then process and send what it found and exit (status 1 when something could not
+    be retrieved, is left unsent or was refused); otherwise poll every ``interval`` seconds until stopped.
     """
     from custom.dicom.node_queue import OUTBOX, QUEUED
-    from custom.dicom.transport import DicomwebSource
+    from custom.dicom.transport import DicomwebSource, check_since
 
+    since = None if since is None else str(since)
+    check_since(since)  # before the model loads
     node = _node(work_dir, destination or source, config_file, ckpt_path, thresholds_file, overrides, uid_prefix,
                  secondary_capture, ae_title, retry_first, retry_longest)
     origin = DicomwebSource(source)
-    since = None if since is None else str(since)
     accession_number = None if accession_number is None else str(accession_number)
     if not once:
         _serve(node, pull=lambda: node.pull(origin, since, accession_number), interval=interval)
         return
-    node.queue.recover()
+    node.recover()
     before = node.queue.counts()
     node.pull(origin, since, accession_number)
     node.process_pending()
     node.send_pending()
     after = node.queue.counts()
-    print(f"pull: {after} (refused now: {after['refused'] - before['refused']})")
-    if after[QUEUED] or after[OUTBOX] or after["refused"] > before["refused"]:
+    node.queue.close()
+    print(f"pull: {after} (refused now: {after['refused'] - before['refused']}, "
+          f"not retrieved: {node.retrieve_failures})")
+    if after[QUEUED] or after[OUTBOX] or after["refused"] > before["refused"] or node.retrieve_failures:
         sys.exit(1)
 
 
@@ -142,7 +147,7 @@ def main() -> None:
 
     try:
         fire.Fire({"listen": listen, "pull": pull, "status": status})
-    except (FileNotFoundError, ValueError, TypeError) as error:
+    except (FileNotFoundError, ValueError, TypeError, RuntimeError) as error:  # bad arguments, folder in use
         print(f"dicom_node: {error}", file=sys.stderr)
         sys.exit(2)
 

@@ -155,6 +155,10 @@ def test_result_uids_are_deterministic_and_under_the_root(source):
     assert len(uids) == 4
     with pytest.raises(ValueError, match="kind"):
         result_uids(header.SOPInstanceUID, "1.0.0", "seg")
+    # The sources are kept apart: a SOP Instance UID and a version that concatenate alike give other UIDs.
+    assert result_uids("1.2.3", "10.3.0", "sr") != result_uids("1.2.31", "0.3.0", "sr")
+    with pytest.raises(ValueError, match="at most 40"):
+        result_uids(header.SOPInstanceUID, "1.0.0", "sr", uid_prefix="1." * 25)
 
 
 def test_sr_without_findings_and_bad_findings(source):

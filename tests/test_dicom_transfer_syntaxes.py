@@ -5,7 +5,9 @@ uncompressed original, and the DICOM node admits and reports on it.
 Files: pydicom-data's real chest CR (``RG1_UNCR.dcm``) and the same CR as JPEG 2000 lossless (``RG1_J2KR.dcm``);
 JPEG-LS and RLE made from ``RG1_UNCR.dcm`` by pydicom's own encoders; JPEG lossless (process 14, SV1) is a real
 8-bit file of pydicom-data (``JPGLosslessP14SV1_1s_1f_8b.dcm``, an ultrasound frame) whose header is changed to
-a CR (the compressed pixel stream is untouched), since no encoder for it is at hand.
+a CR (the compressed pixel stream is untouched), since no encoder for it is at hand. For that one the reference
+is the same plugin's own decoding (pydicom's ``decompress``), so its first test shows only that the bundle's
+loader reads it as pydicom does; the other three compare with pixels that were never compressed.
 """
 
 from __future__ import annotations

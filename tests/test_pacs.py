@@ -204,8 +204,9 @@ def test_unreachable_pacs_is_retried_with_back_off(orthanc, service, tmp_path):
     from dicomweb_client.api import DICOMwebClient
 
     (image,) = _wrapped("retry", 1)
+    retry = RetryPolicy(first=2.0, longest=4.0)
     node = DicomNode(NodeQueue(tmp_path / "node", "test-1"), service, StowDestination(orthanc.dicomweb_url),
-                     retry=RetryPolicy(first=0.5, longest=2.0))
+                     retry=retry)
     orthanc.stop()
     try:
         assert node.admit(image) == (0, "")
@@ -214,11 +215,11 @@ def test_unreachable_pacs_is_retried_with_back_off(orthanc, service, tmp_path):
         (waiting,) = node.queue.items(OUTBOX)
         assert waiting.attempts == 1 and "ConnectionError" in waiting.reason
         assert node.send_pending() == 0 and node.queue.items(OUTBOX)[0].attempts == 1  # not yet due
-        time.sleep(0.6)
+        time.sleep(retry.delay(1) + 0.1)
         assert node.send_pending() == 0 and node.queue.items(OUTBOX)[0].attempts == 2
     finally:
         orthanc.start()
-    time.sleep(RetryPolicy(first=0.5, longest=2.0).delay(2) + 0.1)
+    time.sleep(retry.delay(2) + 0.1)
     assert node.send_pending() == 1
     assert node.queue.counts()[SENT] == 1
     found = _in_study(DICOMwebClient(orthanc.dicomweb_url), image.StudyInstanceUID)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -35,14 +36,16 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from custom.dicom.node_queue import QUEUED, REFUSED, NodeQueue
-from custom.dicom.study import read_source
+from custom.dicom.study import read_source, result_uids
 from custom.dicom.transport import SendError
 from custom.dicom.writers import results_for_document
+from custom.transforms.grey_image import ImageLoadError
 
 LOGGER = logging.getLogger("custom.dicom.node")
 STATUS_SUCCESS = 0x0000
 STATUS_REFUSED = 0xC000  # "Error: cannot understand": the object is not one this node reports on
 STATUS_OUT_OF_RESOURCES = 0xA700  # the node could not store it (disk): the sender should retry
+MAX_INFERENCE_ATTEMPTS = 5  # tries of an image whose inference fails for a reason other than the image
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class DicomNode:
 
     def __init__(self, queue: NodeQueue, findings: Callable[[str], dict], destination, uid_prefix: str | None = None,
                  secondary_capture: bool = False, retry: RetryPolicy = RetryPolicy()) -> None:
+        result_uids("1.2.3", queue.version, "sr", uid_prefix)  # a bad UID root fails here, not on every image
         self.queue = queue
         self.findings = findings
         self.destination = destination
@@ -79,6 +83,7 @@ class DicomNode:
         self.retry = retry
         self.stop_event = threading.Event()
         self.wake = threading.Event()
+        self.retrieve_failures = 0
 
     @property
     def version(self) -> str:
@@ -117,27 +122,40 @@ class DicomNode:
             path.unlink(missing_ok=True)
             reason = str(error).replace(str(path), "").strip(" :") or type(error).__name__
             return self._refuse(uid, reason, dataset)
-        self.queue.put_file(path, uid, str(dataset.get("StudyInstanceUID", "")))
+        try:
+            self.queue.put_file(path, uid, str(dataset.get("StudyInstanceUID", "")))
+        except (OSError, sqlite3.Error) as error:
+            path.unlink(missing_ok=True)
+            LOGGER.error("could not queue %s: %s", uid, error)
+            return STATUS_OUT_OF_RESOURCES, f"cannot store: {error}"
         LOGGER.info("queued %s (study %s)", uid, dataset.get("StudyInstanceUID", "?"))
         self.wake.set()
         return STATUS_SUCCESS, ""
 
     def _refuse(self, uid: str, reason: str, dataset: Dataset) -> tuple[int, str]:
-        self.queue.refuse(uid, reason, str(dataset.get("StudyInstanceUID", "")))
+        if not self.queue.refuse(uid, reason, str(dataset.get("StudyInstanceUID", "")), new=True):
+            # Another association queued this instance meanwhile: that copy stands.
+            LOGGER.warning("a copy of %s was refused (%s); the copy already queued stands", uid, reason)
+            return STATUS_SUCCESS, ""
         LOGGER.warning("refused %s: %s", uid, reason)
         return STATUS_REFUSED, reason
 
     def pull(self, source, since: str | None = None, accession_number: str | None = None) -> int:
         """One QIDO-RS query; retrieve (WADO-RS) and admit what is new under this version. Returns how many
-        were queued. An instance that cannot be retrieved now is tried again at the next pull."""
+        were queued. An instance that cannot be retrieved now is tried again at the next pull (counted in
+        ``retrieve_failures``)."""
         queued = 0
+        self.retrieve_failures = 0
         for study, series, sop in source.find(since, accession_number):
+            if self.stop_event.is_set():
+                break
             if self.queue.item(sop) is not None:
                 continue
             try:
                 dataset = source.retrieve(study, series, sop)
             except Exception as error:  # network, HTTP: leave it for the next pull
                 LOGGER.warning("could not retrieve %s from %s: %s", sop, source.url, error)
+                self.retrieve_failures += 1
                 continue
             status, _ = self.admit(dataset)
             queued += status == STATUS_SUCCESS
@@ -146,21 +164,36 @@ class DicomNode:
     # --- work --------------------------------------------------------------------------------------------
 
     def process_pending(self) -> int:
-        """Infer every queued radiograph and put its results in the outbox; returns how many were done."""
+        """Infer every due queued radiograph and put its results in the outbox; returns how many were done.
+
+        An error of the image itself (it does not decode, its findings are not valid) refuses it; any other
+        (memory, disk, a bug) may pass: the image stays queued and is tried again after the back-off, and is
+        refused only after ``MAX_INFERENCE_ATTEMPTS`` tries.
+        """
         done = 0
-        for item in self.queue.items(QUEUED):
+        for item in self.queue.due(QUEUED):
             if self.stop_event.is_set():
                 break
             uid = item.sop_instance_uid
-            path = self.queue.incoming_path(uid)
             try:
-                document = self.findings(str(path))
+                document = self.findings(str(self.queue.incoming_path(uid)))
                 results = results_for_document(document, self.version, self.uid_prefix, self.secondary_capture)
-            except Exception as error:  # one bad image must not stop the node
+                self.queue.set_results(uid, results)
+            except (ImageLoadError, ValueError) as error:  # the image's own fault: no retry can help
                 self.queue.refuse(uid, f"inference failed: {type(error).__name__}: {error}", item.study_instance_uid)
                 LOGGER.error("refused %s: inference failed: %s", uid, error)
                 continue
-            self.queue.set_results(uid, results)
+            except Exception as error:  # one failure must not stop the node; it may pass
+                attempts = item.attempts + 1
+                reason = f"inference failed ({attempts} of {MAX_INFERENCE_ATTEMPTS}): {type(error).__name__}: {error}"
+                if attempts >= MAX_INFERENCE_ATTEMPTS:
+                    self.queue.refuse(uid, reason, item.study_instance_uid)
+                    LOGGER.error("refused %s: %s", uid, reason)
+                else:
+                    wait = self.retry.delay(attempts)
+                    self.queue.attempt_failed(uid, reason, time.time() + wait)
+                    LOGGER.error("%s: %s; next try in %.0f s", uid, reason, wait)
+                continue
             positives = [f["class"] for f in document.get("findings", [])] + document.get("positive_without_box", [])
             LOGGER.info("inferred %s: %s", uid, ", ".join(positives) or "no class above its threshold")
             done += 1
@@ -174,9 +207,11 @@ class DicomNode:
                 break
             try:
                 self.destination.send(self.queue.results(item.sop_instance_uid))
-            except SendError as error:
+            except Exception as error:  # SendError, or anything else on the way: the item waits, the node serves
                 wait = self.retry.delay(item.attempts + 1)
-                self.queue.sending_failed(item.sop_instance_uid, str(error), time.time() + wait)
+                if not isinstance(error, SendError):
+                    error = f"{type(error).__name__}: {error}"
+                self.queue.attempt_failed(item.sop_instance_uid, str(error), time.time() + wait)
                 LOGGER.warning("could not send the results of %s (attempt %d), next in %.0f s: %s",
                                item.sop_instance_uid, item.attempts + 1, wait, error)
                 continue
@@ -185,13 +220,17 @@ class DicomNode:
             sent += 1
         return sent
 
-    def run(self, pull: Callable[[], int] | None = None, pull_interval: float = 30.0, idle: float = 0.5) -> None:
-        """Work until :meth:`stop`: recover the queue, then infer, send and (with ``pull``) poll the source."""
+    def recover(self) -> None:
+        """At start, before anything is received: finish what a killed process left (``NodeQueue.recover``)."""
         recovered = self.queue.recover()
         if recovered:
             LOGGER.info("recovered %d received file(s) into the queue", recovered)
         LOGGER.info("node working in %s for version %s; queue %s", self.queue.folder, self.version,
                     self.queue.counts())
+
+    def run(self, pull: Callable[[], int] | None = None, pull_interval: float = 30.0, idle: float = 0.5) -> None:
+        """Work until :meth:`stop`: infer, send and (with ``pull``) poll the source. Call :meth:`recover`
+        first, before a Storage SCP starts receiving."""
         next_pull = 0.0
         while not self.stop_event.is_set():
             if pull is not None and time.monotonic() >= next_pull:

@@ -20,6 +20,7 @@ add nothing: a (SOP Instance UID, version) already present is not queued again.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -94,7 +95,12 @@ class NodeQueue:
     """The queue and ledger in ``folder`` for the bundle ``version`` (items of other versions are kept apart).
 
     Safe to use from several threads of one process (the Storage SCP's handler and the worker): every call
-    opens its own SQLite connection.
+    opens its own SQLite connection. One process at a time: the folder is locked (``flock`` on ``lock``, freed by
+    :meth:`close` or when the process ends, a SIGKILL included), since a second worker would empty tmp/ under
+    the first and share its staging names.
+
+    Raises:
+        RuntimeError: another process holds the folder (its pid named).
     """
 
     def __init__(self, folder: str | os.PathLike, version: str) -> None:
@@ -103,10 +109,27 @@ class NodeQueue:
         self.incoming, self.outbox, self.tmp = (self.folder / name for name in ("incoming", "outbox", "tmp"))
         for path in (self.incoming, self.outbox, self.tmp):
             path.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.folder / "lock", "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.seek(0)
+            holder = self._lock.read().strip() or "?"
+            self._lock.close()
+            raise RuntimeError(f"{self.folder}: the work folder is in use by another node process (pid {holder})")
+        self._lock.truncate(0)
+        self._lock.write(str(os.getpid()))
+        self._lock.flush()
         self.ledger_path = self.folder / "ledger.sqlite"
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(SCHEMA)
+
+    def close(self) -> None:
+        """Free the folder for another process."""
+        if not self._lock.closed:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.ledger_path, timeout=30, isolation_level=None)
@@ -152,15 +175,29 @@ class NodeQueue:
             raise
         return path
 
-    def refuse(self, sop_instance_uid: str, reason: str, study_instance_uid: str = "") -> None:
-        """Record a refusal (kept: the same image sent again is refused again without work)."""
+    def refuse(self, sop_instance_uid: str, reason: str, study_instance_uid: str = "", new: bool = False) -> bool:
+        """Record a refusal (kept: the same image sent again is refused again without work); True when recorded.
+
+        Args:
+            new: a refusal at admission: recorded only when the image is not already known (a second copy of
+                an image another association has just queued must not undo that).
+        """
         now = time.time()
         with self._connect() as db:
-            db.execute("INSERT INTO items (sop_instance_uid, version, state, study_instance_uid, reason, received, "
-                       "updated) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(sop_instance_uid, version) DO UPDATE "
-                       "SET state=excluded.state, reason=excluded.reason, updated=excluded.updated",
-                       (sop_instance_uid, self.version, REFUSED, study_instance_uid, reason, now, now))
+            if new:
+                written = db.execute(
+                    "INSERT OR IGNORE INTO items (sop_instance_uid, version, state, study_instance_uid, reason, "
+                    "received, updated) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (sop_instance_uid, self.version, REFUSED, study_instance_uid, reason, now, now)).rowcount
+                if not written:
+                    return False
+            else:
+                db.execute("INSERT INTO items (sop_instance_uid, version, state, study_instance_uid, reason, "
+                           "received, updated) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(sop_instance_uid, version) "
+                           "DO UPDATE SET state=excluded.state, reason=excluded.reason, updated=excluded.updated",
+                           (sop_instance_uid, self.version, REFUSED, study_instance_uid, reason, now, now))
         self._remove_files(sop_instance_uid)
+        return True
 
     # --- working -----------------------------------------------------------------------------------------
 
@@ -185,6 +222,8 @@ class NodeQueue:
             except Exception:  # a file that cannot be read back cannot be keyed: drop it (never acknowledged)
                 path.unlink(missing_ok=True)
                 continue
+            if path.stem != item_key(uid, self.version):
+                continue  # another bundle version's item: that version's node finishes it
             now = time.time()
             with self._connect() as db:
                 db.execute("INSERT OR IGNORE INTO items (sop_instance_uid, version, state, study_instance_uid, "
@@ -238,12 +277,13 @@ class NodeQueue:
         """The outbox datasets of an item, in a fixed order (by kind)."""
         return [pydicom.dcmread(path) for path in sorted(self.outbox_path(sop_instance_uid).glob("*.dcm"))]
 
-    def due(self, now: float | None = None) -> Iterator[Item]:
-        """``outbox`` items whose next sending attempt is due."""
+    def due(self, state: str = OUTBOX, now: float | None = None) -> Iterator[Item]:
+        """Items in ``state`` (``outbox``: to send; ``queued``: to infer) whose next attempt is due."""
         now = time.time() if now is None else now
-        return (item for item in self.items(OUTBOX) if item.next_attempt <= now)
+        return (item for item in self.items(state) if item.next_attempt <= now)
 
-    def sending_failed(self, sop_instance_uid: str, reason: str, next_attempt: float) -> None:
+    def attempt_failed(self, sop_instance_uid: str, reason: str, next_attempt: float) -> None:
+        """An inference or sending attempt failed for a reason that may pass: count it, retry after a wait."""
         with self._connect() as db:
             db.execute("UPDATE items SET attempts=attempts+1, next_attempt=?, reason=?, updated=? "
                        "WHERE sop_instance_uid=? AND version=?",

@@ -78,6 +78,7 @@ def read_source(path: str | os.PathLike) -> tuple[Dataset, GreyImage]:
 
 
 RESULT_KINDS = ("sr", "gsps", "sc")
+MAX_UID_ROOT = 40  # characters: 24 digits of hash are left, about 80 bits
 
 
 def result_uids(source_sop_instance_uid: str, version: str, kind: str,
@@ -95,9 +96,14 @@ def result_uids(source_sop_instance_uid: str, version: str, kind: str,
         raise ValueError(f"kind must be one of {RESULT_KINDS}, got {kind!r}")
     if not str(source_sop_instance_uid).strip():
         raise ValueError("the source has no SOP Instance UID to derive result UIDs from")
-    sources = [BUNDLE_NAME, str(source_sop_instance_uid), str(version), kind]
-    return (generate_uid(prefix=uid_prefix or PYDICOM_ROOT_UID, entropy_srcs=[*sources, "series"]),
-            generate_uid(prefix=uid_prefix or PYDICOM_ROOT_UID, entropy_srcs=[*sources, "instance"]))
+    root = uid_prefix or PYDICOM_ROOT_UID
+    if len(root) > MAX_UID_ROOT:
+        raise ValueError(f"uid_prefix {root!r} is {len(root)} characters; at most {MAX_UID_ROOT} leave the hash "
+                         "enough digits (a UID has 64) to keep results apart")
+    # generate_uid hashes the concatenated sources: a separator keeps ("1.2.3", "10.3") apart from ("1.2.31", "0.3").
+    source = "\x1f".join([BUNDLE_NAME, str(source_sop_instance_uid), str(version), kind])
+    return (generate_uid(prefix=root, entropy_srcs=[source, "\x1fseries"]),
+            generate_uid(prefix=root, entropy_srcs=[source, "\x1finstance"]))
 
 
 def save(ds: Dataset, path: Path) -> Path:

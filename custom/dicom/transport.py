@@ -79,6 +79,10 @@ class CStoreDestination:
                 if code not in (0x0000, 0xB000, 0xB006, 0xB007):  # success, or stored with a warning
                     raise SendError(f"{self}: {dataset.SOPInstanceUID} not stored (status "
                                     f"{'none' if code is None else hex(code)})")
+        except SendError:
+            raise
+        except Exception as error:  # no accepted context for a class (ValueError), the association dropped
+            raise SendError(f"{self}: {type(error).__name__}: {error}") from error
         finally:
             association.release()
 
@@ -114,10 +118,9 @@ class DicomwebSource:
         """
         filters = {}
         start_time = None
+        check_since(since)
         if since:
             since = str(since)
-            if len(since) not in (8, 14) or not since.isdigit():
-                raise ValueError(f"since must be YYYYMMDD or YYYYMMDDHHMMSS, got {since!r}")
             filters["StudyDate"] = f"{since[:8]}-"
             start_time = since[8:] or None
         if accession_number:
@@ -139,6 +142,12 @@ class DicomwebSource:
 
     def retrieve(self, study: str, series: str, sop: str) -> Dataset:
         return self.client.retrieve_instance(study, series, sop)
+
+
+def check_since(since: str | None) -> None:
+    """ValueError unless ``since`` is None, YYYYMMDD or YYYYMMDDHHMMSS."""
+    if since and (len(str(since)) not in (8, 14) or not str(since).isdigit()):
+        raise ValueError(f"since must be YYYYMMDD or YYYYMMDDHHMMSS, got {since!r}")
 
 
 def _value(answer: dict, tag: str) -> str:
