@@ -348,3 +348,25 @@ def test_listen_mode_faults_sigkill_and_restart(orthanc, overrides, tmp_path):
                             cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=60)
     assert status.returncode == 0 and f"sent {len(images) + 1}" in status.stdout and "CT Image Storage" in status.stdout
     assert os.path.getsize(work / "node.log") > 0
+
+
+def test_pull_once_from_the_command_line(orthanc, overrides, tmp_path):
+    from dicomweb_client.api import DICOMwebClient
+
+    (image,) = _wrapped("cli", 1)
+    assert [int(s.Status) for s in _store(orthanc.dicom_port, orthanc.aet, [image])] == [0]
+    overrides_path = tmp_path / "overrides.yaml"
+    overrides_path.write_text(yaml.safe_dump(overrides))
+    command = [sys.executable, "scripts/dicom_node.py", "pull", "--work_dir", str(tmp_path / "node"),
+               "--source", orthanc.dicomweb_url, "--accession_number", image.AccessionNumber, "--once",
+               "--overrides", str(overrides_path)]
+    for _ in range(2):  # the second pass finds the instance in the ledger: nothing new, still exit 0
+        run = subprocess.run(command, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+        assert "'sent': 1" in run.stdout and "not retrieved: 0" in run.stdout
+    found = _in_study(DICOMwebClient(orthanc.dicomweb_url), image.StudyInstanceUID)
+    assert sorted(found) == ["CR", "PR", "SR"] and all(len(uids) == 1 for uids in found.values()), found
+    bad = subprocess.run([*command[:-2], "--since", "2026-12-01"], cwd=REPO_ROOT, env=subprocess_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "since must be YYYYMMDD" in bad.stderr
