@@ -11,13 +11,11 @@ Both raise :class:`SendError` (with the reason) on any failure, so the node can 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from urllib.parse import urlparse
 
 from pydicom.dataset import Dataset
 
-LOGGER = logging.getLogger(__name__)
 CR_DX_MODALITIES = ("CR", "DX")
 
 

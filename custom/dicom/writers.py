@@ -72,10 +72,16 @@ def results_for_document(document: Mapping, version: str, uid_prefix: str | None
         uid_prefix: the site's UID root (pydicom's when None).
         secondary_capture: also the picture with the boxes burnt in.
     """
-    header, grey = read_source(document["image"])
-    if list(grey.original_size) != list(document["original_size"]):
+    # The SR and the GSPS need the header only; the pixels are decoded again only for the burnt-in picture.
+    if secondary_capture:
+        header, grey = read_source(document["image"])
+        size = list(grey.original_size)
+    else:
+        header = check_source(document["image"])
+        size = [int(header.Rows), int(header.Columns)]
+    if size != list(document["original_size"]):
         raise RuntimeError(f"{document['image']}: preprocessing read {document['original_size']}, "
-                           f"the DICOM is {list(grey.original_size)}")
+                           f"the DICOM is {size}")
     findings = findings_from_document(document)
     results = {"sr": build_findings_sr(header, findings, version, uid_prefix),
                "gsps": build_findings_gsps(header, findings, version, uid_prefix)}
